@@ -1,0 +1,31 @@
+"""Small DFREC for CPUs: 112x112 LFW faces, patch 8 (196 tokens, 98 masked), narrow UNet,
+4-block ViT. Same architecture and algorithms as the paper config, smaller widths/depths.
+Args: `dtype=bfloat16`, `fusion=sequence`, `variant=official` (masking + gates).
+"""
+
+from configs import default
+from dfrec_jax import configlib
+
+
+def get_config(arg=None):
+    arg = configlib.parse_arg(arg, dtype="float32", fusion="channel", variant="paper")
+    config = default.get_config(f"dtype={arg.dtype}")
+    config.model = default.model_config(image_size=112, patch_size=8, dtype=arg.dtype)
+    model = config.model
+    model.masking_variant = arg.variant
+    model.ism.stochastic_depth_rate = 0.1
+    model.sirm.update(channels=(16, 32, 64, 128, 256), source_channels=128, gate=arg.variant)
+    model.tirm.update(
+        encoder_width=192,
+        encoder_depth=4,
+        encoder_heads=3,
+        encoder_mlp_dim=768,
+        decoder_width=128,
+        decoder_depth=2,
+        decoder_heads=4,
+        decoder_mlp_dim=512,
+        fusion=arg.fusion,
+    )
+    if arg.fusion == "sequence":
+        model.sirm.identity_tokens = 16
+    return config

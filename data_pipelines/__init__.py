@@ -1,0 +1,1 @@
+"""TFDS builders, forgery synthesis, face alignment and the host input pipeline."""

@@ -1,0 +1,94 @@
+"""DFREC: one face-swapped image in, the segmentation map, source face and target face out.
+
+    seg, forgery_logit = ISM(image)
+    source, target_identity = SIRM(image * seg)
+    keep/mask = semantic_guided_masking(seg)          (no gradient: it is a ranking)
+    target = TIRM(image, target_identity, keep/mask)  (visible input patches + predicted ones)
+
+The ISM is trained only through the recovery losses (and an optional mask loss): its map
+reaches them through the SIRM input `image * seg`.
+"""
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dfrec_jax import masking
+from dfrec_jax.models.ism import ISM
+from dfrec_jax.models.sirm import SIRM
+from dfrec_jax.models.tirm import TIRM
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class DFREC(nn.Module):
+    image_size: int
+    patch_size: int
+    mask_ratio: float
+    masking_variant: str
+    ism: ISM
+    sirm: SIRM
+    tirm: TIRM
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        """images: float [B, image_size, image_size, 3] in [0, 1]. Needs a "masking" rng (and a
+        "dropout" rng when train=True). Returns the dict documented in DESIGN.md plus
+        seg_logits, mask_idx, keep_idx and pred_patches for the losses."""
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"DFREC expects images [B,{self.image_size},{self.image_size},3], "
+                f"got {images.shape}"
+            )
+        images = jnp.asarray(images, jnp.float32)
+        ism = self.ism(images, train)
+        seg = ism["seg"]
+        sirm = self.sirm(images * seg, train)
+        chosen = masking.semantic_guided_masking(
+            seg,
+            self.make_rng("masking"),
+            patch_size=self.patch_size,
+            mask_ratio=self.mask_ratio,
+            variant=self.masking_variant,
+        )
+        tirm = self.tirm(images, sirm["target_identity"], chosen.keep_idx, chosen.mask_idx)
+        return {
+            "seg": seg,
+            "seg_logits": ism["seg_logits"],
+            "forgery_logit": ism["forgery_logit"],
+            "source": sirm["source"],
+            "target": tirm["target"],
+            "pred_patches": tirm["pred_patches"],
+            "mask": chosen.mask,
+            "mask_idx": chosen.mask_idx,
+            "keep_idx": chosen.keep_idx,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "DFREC":
+        """Builds the model from a `config.model` ConfigDict (see configs/default.py)."""
+        dtype = _DTYPES.get(cfg["dtype"])
+        if dtype is None:
+            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg['dtype']!r}")
+        kw = dict(dtype=dtype, param_dtype=jnp.float32)
+        try:
+            ism = ISM(**dict(cfg["ism"]), **kw)
+            sirm = SIRM(**dict(cfg["sirm"]), **kw)
+            tirm = TIRM(
+                image_size=cfg["image_size"],
+                patch_size=cfg["patch_size"],
+                **dict(cfg["tirm"]),
+                **kw,
+            )
+        except TypeError as e:  # unknown or missing hyperparameter: say which block
+            raise ValueError(f"bad model config: {e}") from None
+        return cls(
+            image_size=cfg["image_size"],
+            patch_size=cfg["patch_size"],
+            mask_ratio=cfg["mask_ratio"],
+            masking_variant=cfg["masking_variant"],
+            ism=ism,
+            sirm=sirm,
+            tirm=tirm,
+        )

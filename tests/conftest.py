@@ -1,0 +1,18 @@
+"""Test setup: 8 emulated CPU devices so sharded code paths run everywhere.
+
+The device count must be set before any JAX backend is initialised, which is why it happens
+at import time of this conftest (pytest imports it first). The tests compile many small
+programs and run little compute, so XLA's CPU backend optimisation is turned down: it cuts
+compile time about 3x on 2 cores and does not change what the programs compute.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+).strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
