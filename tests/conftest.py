@@ -16,3 +16,29 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+
+_real_connect = socket.socket.connect
+
+
+class NetworkAccessError(RuntimeError):
+    pass
+
+
+def _guarded_connect(sock, address):
+    # Local (unix) sockets are fine; anything over IP means code tried to download something.
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        raise NetworkAccessError(f"network access attempted during tests: {address}")
+    return _real_connect(sock, address)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network():
+    """The library must never download anything: every test runs with IP networking cut."""
+    socket.socket.connect = _guarded_connect
+    yield
+    socket.socket.connect = _real_connect

@@ -1,7 +1,6 @@
 """DFREC model: output contract, parameter counts, gradient flow, sharding, config variants."""
 
 import functools
-import os
 
 import chex
 import jax
@@ -15,19 +14,9 @@ from jax.sharding import PartitionSpec as P
 from configs import default as default_config
 from configs import demo as demo_config
 from configs import official as official_config
-from dfrec_jax import configlib, inference, masking
-from dfrec_jax import images as image_io
+from dfrec_jax import inference, masking
 from dfrec_jax.models import DFREC, ViTEncoder
-
-
-def real_faces(count: int, size: int = 112) -> np.ndarray:
-    """`count` real LFW faces (different people), float32 [count,size,size,3] in [0,1]."""
-    root = configlib.lfw_dir()
-    assert os.path.isdir(root), f"real LFW faces needed at {root} (or set DFREC_LFW_DIR)"
-    people = sorted(os.listdir(root))[:count]
-    return np.stack(
-        [image_io.load_rgb(image_io.list_images(os.path.join(root, p))[0], size) for p in people]
-    )
+from tests.lfw import real_faces
 
 
 @pytest.fixture(scope="module")

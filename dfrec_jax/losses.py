@@ -1,0 +1,307 @@
+"""DFREC training losses: identity, perceptual, attribute, patch recovery (+ optional mask).
+
+Every loss is written against plain callables, so any frozen network (the real FaceNet / VGG /
+attribute ports, or tiny random nets in tests) can be plugged in:
+
+    identity_fn(images)   -> (features: tuple of 4 maps [B, ...], embedding [B, D], L2-normalised)
+    perceptual_fn(images) -> tuple of 5 maps [B, ...]
+    attribute_fn(images)  -> [B, A]
+
+Images are float32 NHWC in [0, 1]; each network does its own preprocessing. Notation: r is a
+recovered image, t the true image, B the batch, and every per-sample term is averaged over the
+batch last (the `*_per_sample` functions return it before that mean, so callers can mask it).
+
+  identity  (per sample)  = 1/4 * sum_{l=1..4} (1 - cos(vec f_l(r), vec f_l(t)))
+                            + (1 - cos(e(r), e(t)))
+            where vec flattens one sample's feature map and cos(a, b) = <a, b> / (n(a) n(b)),
+            n(x) = sqrt(|x|^2 + 1e-12) (finite gradients for all-zero ReLU maps). The layer term
+            and the embedding term are summed, so the loss lies in [0, 4].
+  perceptual (per sample) = 1/5 * sum_{l=1..5} 1/(H_l W_l C_l) * |phi_l(r) - phi_l(t)|_2^2
+            (mean squared feature difference per layer, i.e. L2 / layer size, as in Johnson
+            et al.; the paper does not say L1 or L2).
+  attribute (per sample)  = 1/A * sum_a smoothL1_{beta=1}(a(r)_a - a(t)_a),
+            smoothL1(x) = 0.5 x^2 if |x| <= 1 else |x| - 0.5 (= optax.huber_loss, delta=1).
+  patch     (per sample)  = 1/K * sum_{k=1..K} 1/(p*p*3) * |pred_k - patchify(t)[mask_idx_k]|_2^2
+            i.e. squared error summed over the p*p*3 values of a masked patch, divided by the
+            number of values per patch and by the number K of masked patches (the MAE
+            convention: a per-value MSE over masked patches, independent of the patch size).
+  mask                    = sum_b has_b * m_b / max(sum_b has_b, 1),
+            m_b = mean over pixels of sigmoid_binary_cross_entropy(seg_logits_b, mask_b);
+            exactly 0 when no sample has a mask.
+  classification          = mean_b sigmoid_binary_cross_entropy(forgery_logit_b, label_b).
+
+  total = w_id (id_src + id_tgt) + w_perc (perc_src + perc_tgt) + w_attr attr_tgt
+          + w_patch patch_tgt + w_mask mask + w_cls classification.
+
+Loss weights (`LossWeights`): the paper says "loss weights 0.5 (and 2 for the two target-quality
+terms)". We read the two target-quality terms as the attribute and patch-recovery losses (both
+only on the target), so identity = perceptual = 0.5 and attribute = patch = 2.0. The mask and
+classification terms are extensions (the paper constrains neither), off by default.
+
+Frozen-network contract: the networks are constants. Their parameters must not be traced
+arguments of the function being differentiated; close over them through
+`jax.lax.stop_gradient` (see `frozen`), so gradients reach the recovered images only. The true
+images' network outputs are also wrapped in stop_gradient: they are fixed references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dfrec_jax import masking
+
+_EPS = 1e-12
+NUM_IDENTITY_LAYERS = 4
+NUM_PERCEPTUAL_LAYERS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class LossNets:
+    """The frozen networks the losses use (callables on [B, H, W, 3] images in [0, 1])."""
+
+    identity: Callable
+    perceptual: Callable
+    attribute: Callable | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weights of the total loss; see the module docstring for the paper reading."""
+
+    identity: float = 0.5
+    perceptual: float = 0.5
+    attribute: float = 2.0
+    patch: float = 2.0
+    mask: float = 0.0
+    classification: float = 0.0
+
+
+def frozen(apply_fn: Callable, variables: Any) -> Callable:
+    """images -> apply_fn(stop_gradient(variables), images): a network whose parameters are
+    constants even when `variables` are traced (jit arguments, or inside a grad)."""
+
+    def fn(images):
+        return apply_fn(jax.lax.stop_gradient(variables), images)
+
+    return fn
+
+
+def _check_pair(name: str, recovered: jax.Array, true: jax.Array) -> None:
+    if recovered.shape != true.shape or recovered.ndim != 4 or recovered.shape[-1] != 3:
+        raise ValueError(
+            f"{name}: recovered and true images must both be [B, H, W, 3], "
+            f"got {recovered.shape} and {true.shape}"
+        )
+
+
+def _outputs(fn: Callable, recovered: jax.Array, true: jax.Array):
+    """fn on the recovered images (differentiable) and on the true ones (constant)."""
+    rec = fn(jnp.asarray(recovered, jnp.float32))
+    ref = jax.lax.stop_gradient(fn(jnp.asarray(true, jnp.float32)))
+    return rec, ref
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    return x.reshape(x.shape[0], -1)
+
+
+def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Per-sample cosine of flattened a, b [B, ...] -> [B], with n(x) = sqrt(|x|^2 + 1e-12)."""
+    a, b = _flat(a), _flat(b)
+    na = jnp.sqrt(jnp.sum(a * a, axis=-1) + _EPS)
+    nb = jnp.sqrt(jnp.sum(b * b, axis=-1) + _EPS)
+    return jnp.sum(a * b, axis=-1) / (na * nb)
+
+
+def identity_per_sample(
+    identity_fn: Callable, recovered: jax.Array, true: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-sample identity loss [B] and its two parts (features, embedding), each [B]."""
+    _check_pair("identity_loss", recovered, true)
+    (feats_r, emb_r), (feats_t, emb_t) = _outputs(identity_fn, recovered, true)
+    if len(feats_r) != NUM_IDENTITY_LAYERS:
+        raise ValueError(
+            f"identity_fn must return {NUM_IDENTITY_LAYERS} feature maps, got {len(feats_r)}"
+        )
+    layer = jnp.mean(
+        jnp.stack([1.0 - cosine_similarity(fr, ft) for fr, ft in zip(feats_r, feats_t)]), axis=0
+    )
+    embedding = 1.0 - cosine_similarity(emb_r, emb_t)
+    return layer + embedding, {"features": layer, "embedding": embedding}
+
+
+def identity_loss(
+    identity_fn: Callable, recovered: jax.Array, true: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Batch mean of `identity_per_sample`; metrics: the means of its two parts."""
+    per, parts = identity_per_sample(identity_fn, recovered, true)
+    return jnp.mean(per), {k: jnp.mean(v) for k, v in parts.items()}
+
+
+def perceptual_per_sample(
+    perceptual_fn: Callable, recovered: jax.Array, true: jax.Array
+) -> jax.Array:
+    """Per-sample perceptual loss [B]: mean over layers of the per-layer feature MSE."""
+    _check_pair("perceptual_loss", recovered, true)
+    feats_r, feats_t = _outputs(perceptual_fn, recovered, true)
+    if len(feats_r) != NUM_PERCEPTUAL_LAYERS:
+        raise ValueError(
+            f"perceptual_fn must return {NUM_PERCEPTUAL_LAYERS} feature maps, got {len(feats_r)}"
+        )
+    per_layer = [
+        jnp.mean(jnp.square(_flat(fr) - _flat(ft)), axis=-1) for fr, ft in zip(feats_r, feats_t)
+    ]
+    return jnp.mean(jnp.stack(per_layer), axis=0)
+
+
+def perceptual_loss(perceptual_fn: Callable, recovered: jax.Array, true: jax.Array) -> jax.Array:
+    """Batch mean of `perceptual_per_sample`."""
+    return jnp.mean(perceptual_per_sample(perceptual_fn, recovered, true))
+
+
+def attribute_per_sample(
+    attribute_fn: Callable, recovered: jax.Array, true: jax.Array
+) -> jax.Array:
+    """Per-sample attribute loss [B]: smooth L1 (beta = 1) averaged over the A outputs."""
+    _check_pair("attribute_loss", recovered, true)
+    out_r, out_t = _outputs(attribute_fn, recovered, true)
+    return jnp.mean(optax.huber_loss(_flat(out_r), _flat(out_t), delta=1.0), axis=-1)
+
+
+def attribute_loss(attribute_fn: Callable, recovered: jax.Array, true: jax.Array) -> jax.Array:
+    """Batch mean of `attribute_per_sample`."""
+    return jnp.mean(attribute_per_sample(attribute_fn, recovered, true))
+
+
+def patch_recovery_per_sample(
+    pred_patches: jax.Array, true_target: jax.Array, mask_idx: jax.Array, patch_size: int
+) -> jax.Array:
+    """Per-sample patch loss [B]: squared error over each masked patch's p*p*3 values, divided
+    by p*p*3 and averaged over the K masked patches."""
+    pred = jnp.asarray(pred_patches, jnp.float32)
+    true_patches = masking.take_tokens(
+        masking.patchify(jnp.asarray(true_target, jnp.float32), patch_size), mask_idx
+    )
+    if pred.shape != true_patches.shape:
+        raise ValueError(
+            f"patch_recovery_loss: pred_patches {pred.shape} do not match the true target's "
+            f"masked patches {true_patches.shape} (patch_size={patch_size})"
+        )
+    sq = jnp.sum(jnp.square(pred - jax.lax.stop_gradient(true_patches)), axis=-1)  # [B, K]
+    return jnp.mean(sq, axis=-1) / pred.shape[-1]
+
+
+def patch_recovery_loss(
+    pred_patches: jax.Array, true_target: jax.Array, mask_idx: jax.Array, patch_size: int
+) -> jax.Array:
+    """Batch mean of `patch_recovery_per_sample`."""
+    return jnp.mean(patch_recovery_per_sample(pred_patches, true_target, mask_idx, patch_size))
+
+
+def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(w * v) / max(sum(w), 1): 0 when every weight is 0."""
+    weights = jnp.asarray(weights, jnp.float32)
+    return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def mask_loss(seg_logits: jax.Array, true_mask: jax.Array, has_mask: jax.Array) -> jax.Array:
+    """Pixel-mean BCE-with-logits per sample, averaged over samples with has_mask = 1."""
+    logits = jnp.asarray(seg_logits, jnp.float32)
+    labels = jnp.asarray(true_mask, jnp.float32)
+    if logits.shape != labels.shape:
+        raise ValueError(f"mask_loss: seg_logits {logits.shape} vs true mask {labels.shape}")
+    bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+    per = jnp.mean(bce.reshape(bce.shape[0], -1), axis=-1)
+    return _masked_mean(per, has_mask)
+
+
+def classification_loss(forgery_logit: jax.Array, label: jax.Array) -> jax.Array:
+    """Mean BCE-with-logits of the ISM forgery head against label (1 = forgery)."""
+    logit = jnp.asarray(forgery_logit, jnp.float32)
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logit, jnp.asarray(label, jnp.float32)))
+
+
+def total_loss(
+    outputs: Mapping[str, jax.Array],
+    batch: Mapping[str, jax.Array],
+    nets: LossNets,
+    weights: LossWeights,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted DFREC loss (formula in the module docstring) and float32 scalar metrics.
+
+    outputs: the DFREC model dict (source, target, pred_patches, mask_idx, seg_logits,
+    forgery_logit). batch: image, source, target [B, H, W, 3], and, for the optional terms,
+    mask [B, H, W, 1], has_mask [B], label [B]. Source and target recoveries go through each
+    network in one call (batch 2B), the true faces in another. Without an attribute network
+    the attribute term is 0. A term whose weight is 0 is still reported when its inputs exist.
+    """
+    source, target = outputs["source"], outputs["target"]
+    b = source.shape[0]
+    recovered = jnp.concatenate([source, target], axis=0)
+    true = jnp.concatenate([batch["source"], batch["target"]], axis=0)
+    patch_dim = outputs["pred_patches"].shape[-1]
+    patch_size = int(round((patch_dim / 3) ** 0.5))
+    if 3 * patch_size * patch_size != patch_dim:
+        raise ValueError(f"pred_patches last axis {patch_dim} is not p*p*3 for an integer p")
+
+    zero = jnp.zeros((), jnp.float32)
+    id_per, id_parts = identity_per_sample(nets.identity, recovered, true)
+    perc_per = perceptual_per_sample(nets.perceptual, recovered, true)
+    attr = (
+        jnp.mean(attribute_per_sample(nets.attribute, target, batch["target"]))
+        if nets.attribute is not None
+        else zero
+    )
+    patch = patch_recovery_loss(
+        outputs["pred_patches"], batch["target"], outputs["mask_idx"], patch_size
+    )
+
+    def has(*keys):
+        return all(k in batch for k in keys)
+
+    if weights.mask and not has("mask", "has_mask"):
+        raise ValueError("LossWeights.mask > 0 needs batch['mask'] and batch['has_mask']")
+    if weights.classification and "label" not in batch:
+        raise ValueError("LossWeights.classification > 0 needs batch['label']")
+    mask = (
+        mask_loss(outputs["seg_logits"], batch["mask"], batch["has_mask"])
+        if has("mask", "has_mask") and "seg_logits" in outputs
+        else zero
+    )
+    cls = (
+        classification_loss(outputs["forgery_logit"], batch["label"])
+        if "label" in batch and "forgery_logit" in outputs
+        else zero
+    )
+
+    metrics = {}
+    for name, per in (
+        ("identity", id_per),
+        ("identity_features", id_parts["features"]),
+        ("identity_embedding", id_parts["embedding"]),
+        ("perceptual", perc_per),
+    ):
+        metrics[f"{name}/source"] = jnp.mean(per[:b])
+        metrics[f"{name}/target"] = jnp.mean(per[b:])
+    metrics["attribute/target"] = attr
+    metrics["patch/target"] = patch
+    metrics["mask"] = mask
+    metrics["classification"] = cls
+
+    total = (
+        weights.identity * (metrics["identity/source"] + metrics["identity/target"])
+        + weights.perceptual * (metrics["perceptual/source"] + metrics["perceptual/target"])
+        + weights.attribute * attr
+        + weights.patch * patch
+        + weights.mask * mask
+        + weights.classification * cls
+    )
+    metrics["total"] = total
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    return metrics["total"], metrics

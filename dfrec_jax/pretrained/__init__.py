@@ -1,0 +1,1 @@
+"""Pretrained networks read offline from registry packages, and converters for user weights."""
