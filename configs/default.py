@@ -77,11 +77,37 @@ def loss_config():
     )
 
 
+def data_config(image_size=224, dataset="lfw_swap"):
+    """What to read and how to batch it (data_pipelines/; README "Data")."""
+    return ml_collections.ConfigDict(
+        dict(
+            # lfw_swap (built from an LFW-layout folder), faceforensics, celeba_megafs, ffhq_e4s.
+            dataset=dataset,
+            data_dir=configlib.data_dir(),  # where TFDS keeps prepared datasets
+            manual_dir="",  # faceforensics / celeba_megafs / ffhq_e4s: the user's download
+            lfw_dir=configlib.lfw_dir(),
+            image_size=image_size,
+            # lfw_swap content: people read (0 = all), synthetic forgeries per real image.
+            max_people=0,
+            forgeries_per_image=1,
+            methods=(),  # manipulation methods to include; () = the dataset's defaults
+            seed=0,  # synthesis, shuffling, blending and augmentation randomness
+            batch_size=32,  # global, split over all processes and devices
+            shuffle_buffer=1024,
+            # Fractions of every training batch: real faces, the dataset's forgeries, and
+            # blended-image forgeries made on the fly from pairs of real faces.
+            mix=dict(pristine=0.25, forgery=0.5, blended=0.25),
+            flip=True,
+            perturb="",  # evaluation robustness: gaussian_blur[:k] | jpeg[:q] | gaussian_noise[:v]
+        )
+    )
+
+
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, dtype="float32")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = model_config(dtype=arg.dtype)
-    config.data = dict(lfw_dir=configlib.lfw_dir())
+    config.data = data_config()
     config.loss = loss_config()
     return config

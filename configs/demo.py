@@ -26,6 +26,9 @@ def get_config(arg=None):
         decoder_mlp_dim=512,
         fusion=arg.fusion,
     )
+    config.data = default.data_config(image_size=112)
+    config.data.batch_size = 8
+    config.data.shuffle_buffer = 512
     if arg.fusion == "sequence":
         model.sirm.identity_tokens = 16
     return config

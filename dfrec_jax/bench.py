@@ -1,6 +1,7 @@
 """`bench`: timings printed as one JSON object per measurement."""
 
 import json
+import os
 import platform
 import time
 
@@ -57,7 +58,70 @@ def bench_forward(config, batch_sizes=(1, 8), repeats: int = 5) -> list[dict]:
     return results
 
 
-BENCHES = {"forward": bench_forward}
+WARMUP_BATCHES = 3
+MIN_TIMED_IMAGES = 512
+
+
+def bench_input_pipeline(config, batch_sizes=(), repeats: int = 5) -> list[dict]:
+    """Host tf.data training pipeline of `config.data` (built or reused), images/s per batch.
+
+    Batch sizes: the config's global batch, then each `--batch` value (one process). Each
+    measurement warms up on WARMUP_BATCHES batches, then times max(repeats, enough batches
+    for MIN_TIMED_IMAGES images).
+    """
+    from data_pipelines import datasets, input_pipeline  # TensorFlow only when asked for
+
+    data = config.data
+    start = time.perf_counter()
+    was_prepared = datasets.get_builder(data).is_prepared()
+    builder = datasets.prepare(data)
+    prepare_s = time.perf_counter() - start
+    examples = input_pipeline.load_examples(builder, "train")
+    mix = {k: float(v) for k, v in dict(data.mix).items()}
+    results = []
+    for batch in dict.fromkeys([int(data.batch_size), *batch_sizes]):
+        start = time.perf_counter()
+        dataset = input_pipeline.make_dataset(
+            examples,
+            batch_size=batch,
+            seed=data.seed,
+            training=True,
+            mix=mix,
+            flip=data.flip,
+            shuffle_buffer=data.shuffle_buffer,
+        )
+        iterator = dataset.as_numpy_iterator()
+        first = next(iterator)
+        first_batch_s = time.perf_counter() - start
+        for _ in range(WARMUP_BATCHES - 1):
+            next(iterator)
+        timed = max(repeats, -(-MIN_TIMED_IMAGES // batch))
+        start = time.perf_counter()
+        for _ in range(timed):
+            next(iterator)
+        elapsed = time.perf_counter() - start
+        results.append(
+            {
+                "what": "input_pipeline",
+                "dataset": builder.info.full_name,
+                "image_size": int(first["image"].shape[1]),
+                "train_examples": builder.info.splits["train"].num_examples,
+                "batch": batch,
+                "mix": input_pipeline.mix_counts(mix, batch),
+                "images_per_s": round(batch * timed / elapsed, 1),
+                "ms_per_batch": round(1e3 * elapsed / timed, 2),
+                "batches_timed": timed,
+                "first_batch_s": round(first_batch_s, 2),
+                "prepare_s": round(prepare_s, 2),
+                "prepared_now": not was_prepared,
+                "host_cpus": os.cpu_count(),
+                "host": platform.processor() or platform.machine(),
+            }
+        )
+    return results
+
+
+BENCHES = {"forward": bench_forward, "input_pipeline": bench_input_pipeline}
 
 
 def run(what: str, config, **kwargs) -> None:

@@ -11,8 +11,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LFW_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "lfw112")
 
 
+# Built TFDS datasets (the prepared lfw_swap etc.) go here unless DFREC_DATA_DIR says otherwise.
+DEFAULT_DATA_DIR = os.path.join(REPO_ROOT, "runs", "tfds")
+
+
 def lfw_dir() -> str:
     return os.environ.get("DFREC_LFW_DIR", DEFAULT_LFW_DIR)
+
+
+def data_dir() -> str:
+    return os.environ.get("DFREC_DATA_DIR", DEFAULT_DATA_DIR)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

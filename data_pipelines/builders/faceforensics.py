@@ -1,0 +1,462 @@
+"""`faceforensics`: FaceForensics++ face swaps as aligned frames, from manual_dir.
+
+Expected tree (what FaceForensics++' download script writes with `-c c23 -t videos`, and
+`-t masks` for the masks; `<c>` = the `compression` config field, c23 by default):
+
+    <manual_dir>/
+      original_sequences/youtube/<c>/videos/NNN.mp4          the 1000 real videos, 000..999
+      manipulated_sequences/<Method>/<c>/videos/TTT_SSS.mp4  frames of target video TTT with
+                                                             the face of source video SSS
+      manipulated_sequences/<Method>/masks/videos/TTT_SSS.mp4   optional manipulation masks
+      splits/{train,val,test}.json                           the official splits: lists of
+                                                             ["TTT", "SSS"] id pairs
+
+Methods read (config `methods`): Deepfakes, FaceSwap, Face2Face, NeuralTextures, FaceShifter;
+only those whose folder exists are read, the others are listed in metadata["missing_methods"]
+(an error only if none exists). DeepFakeDetection (actors' videos, other naming) is not read.
+
+Sources: github.com/ondyari/FaceForensics, dataset/README.md (folder structure, download
+script options `-d <method> -c <c0|c23|c40> -t <videos|masks>`, `<target>_<source>` naming)
+and dataset/splits/{train,val,test}.json (the official splits, pairs of 3-digit ids); the
+`masks/videos` location matches the widely used download script and preprocessing code.
+The split json files live in that repository, not in the download: copy them to `splits/`.
+
+Per example (`frames_per_video` frames per video, evenly spaced: round(linspace(0, n-1, k))):
+- the face is detected (MTCNN, `alignment.FaceDetector`) on the TARGET's original frame with
+  the same index and aligned (5 points, ArcFace template) to `image_size`; the fake frame and
+  the mask frame are warped with that same matrix, so image, target and mask align pixel for
+  pixel (the fake's own detection would drift with the swapped face);
+- `source` is the aligned face of the source's original video at the same frame index
+  (clipped to its length), with its own detection;
+- `mask` is the mask video's frame (any channel > `mask_threshold`) when the method ships
+  masks, else derived from |fake - target| (paired_images.derive_mask);
+- landmarks (face-api 68 points) of the target crop; face_mask = hull of the fake's landmarks.
+Pristine examples (`include_pristine`): the original videos' aligned frames, label 0.
+
+Splits: the official json; a video pair's two ids share a split, and every fake goes to the
+split of its ids ("validation" for val.json). Skipped and counted per split
+(`builder.skip_summary()`, metadata.json): unreadable/corrupt/empty videos, missing target or
+source originals, frames without a detectable face, empty masks, frame-size mismatches,
+truncated videos; files outside the official splits or with unparseable names are counted
+under "unsplit".
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+
+import cv2
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import splits
+from data_pipelines.builders import paired_images
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("Deepfakes", "FaceSwap", "Face2Face", "NeuralTextures", "FaceShifter")
+SPLIT_FILES = {"train": "train.json", "validation": "val.json", "test": "test.json"}
+_FAKE_NAME = re.compile(r"^(?P<target>\d+)_(?P<source>\d+)\.mp4$")
+
+# The docstring's expected tree (tfds prints it when manual_dir is missing).
+MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__.split("\n\n", 1)[1].split("\nMethods read")[0]
+
+LAYOUT = (
+    "<manual_dir>/original_sequences/youtube/<c23>/videos/NNN.mp4, "
+    "<manual_dir>/manipulated_sequences/<Method>/<c23>/videos/TTT_SSS.mp4, optional "
+    "<manual_dir>/manipulated_sequences/<Method>/masks/videos/TTT_SSS.mp4, "
+    "<manual_dir>/splits/{train,val,test}.json (FaceForensics++ download script + official splits)"
+)
+
+
+@dataclasses.dataclass(eq=False)
+class FaceForensicsConfig(tfds.core.BuilderConfig):
+    """Options (see the module docstring).
+
+    image_size: side of the aligned crops. compression: c0 / c23 / c40 folder.
+    methods: manipulation folders to read. frames_per_video: evenly spaced frames per video.
+    include_pristine: original videos' frames as label-0 examples.
+    min_face_confidence, min_face_size: MTCNN settings. Keep min_face_size at 20: mtcnn 1.0.0
+      sizes its image pyramid as if it were 20, so a larger value makes its smallest levels
+      too small and it finds no face at all (seen on 256x256 frames).
+    detect_max_side: frames are downscaled to at most this side for detection only (FF++ faces
+      are large; HD frames would make MTCNN slow); the alignment uses the full frame.
+    mask_threshold: binarisation of mask-video frames (0..255).
+    diff_threshold, mask_close, min_region, mask_dilate: derived masks (paired_images).
+    landmark_batch: landmark net batch. cache_videos: original videos whose crops are kept.
+    """
+
+    image_size: int = 224
+    compression: str = "c23"
+    methods: tuple = DEFAULT_METHODS
+    frames_per_video: int = 8
+    include_pristine: bool = True
+    min_face_confidence: float = 0.9
+    min_face_size: int = 20
+    detect_max_side: int = 640
+    mask_threshold: int = 127
+    diff_threshold: float = 20.0
+    mask_close: float = 0.04
+    min_region: float = 0.002
+    mask_dilate: int = 0
+    landmark_batch: int = 64
+    cache_videos: int = 64
+
+
+DEFAULT_CONFIG = FaceForensicsConfig(name="default", description="FaceForensics++ c23, 224x224")
+
+
+def make_config(**overrides) -> FaceForensicsConfig:
+    """The default config with `overrides` (any FaceForensicsConfig field), named accordingly."""
+    return paired_images.named_config(FaceForensicsConfig, DEFAULT_CONFIG, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Video reading.
+
+
+class BadVideo(ValueError):
+    """Why a video cannot be used (a short reason, the skip counter's key)."""
+
+
+def evenly_spaced(count: int, k: int) -> list[int]:
+    """k frame indices spread over [0, count-1] (all frames if there are fewer)."""
+    if count <= 0 or k <= 0:
+        return []
+    if k >= count:
+        return list(range(count))
+    return sorted(set(np.round(np.linspace(0, count - 1, k)).astype(int).tolist()))
+
+
+def _open(path: str):
+    if not os.path.isfile(path):
+        raise BadVideo("missing file")
+    if os.path.getsize(path) == 0:
+        raise BadVideo("empty video file")
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        capture.release()
+        raise BadVideo("unreadable video")
+    return capture
+
+
+def frame_count(path: str) -> int:
+    """Frames in a video (the container's count, or counted by decoding when it has none)."""
+    capture = _open(path)
+    try:
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if count <= 0:
+            count = 0
+            while capture.grab():
+                count += 1
+    finally:
+        capture.release()
+    if count <= 0:
+        raise BadVideo("unreadable video")
+    return count
+
+
+def read_frames(path: str, indices) -> dict[int, np.ndarray]:
+    """{index: uint8 RGB frame} for the requested indices that decode (sequential read)."""
+    wanted = set(int(i) for i in indices)
+    frames = {}
+    if not wanted:
+        return frames
+    capture = _open(path)
+    try:
+        for i in range(max(wanted) + 1):
+            if not capture.grab():
+                break
+            if i in wanted:
+                ok, frame = capture.retrieve()
+                if ok and frame is not None and frame.ndim == 3:
+                    frames[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        capture.release()
+    if not frames:
+        raise BadVideo("unreadable video")
+    return frames
+
+
+class _Original:
+    """One original video: its frame count and its aligned faces, detected on demand."""
+
+    def __init__(self, path: str, detector, size: int, detect_max_side: int):
+        self.path, self.detector, self.size = path, detector, size
+        self.detect_max_side = detect_max_side
+        self.faces = {}  # index -> (crop, matrix, frame shape) or a skip reason
+        try:
+            self.count = frame_count(path)
+            self.error = None
+        except BadVideo as e:
+            self.count, self.error = 0, str(e)
+
+    def clip(self, index: int) -> int:
+        return min(index, self.count - 1)
+
+    def _keypoints(self, frame: np.ndarray) -> np.ndarray | None:
+        """Five keypoints of the frame's best face (detected on a downscaled copy), or None."""
+        scale = min(1.0, self.detect_max_side / max(frame.shape[:2]))
+        small = frame
+        if scale < 1.0:
+            small_size = (round(frame.shape[1] * scale), round(frame.shape[0] * scale))
+            small = cv2.resize(frame, small_size, interpolation=cv2.INTER_AREA)
+        face = self.detector.largest(small)
+        if face is None:
+            return None
+        # Pixel centres at integer coordinates: x_full + 0.5 = (x_small + 0.5) / scale.
+        return (face.keypoints + 0.5) / scale - 0.5
+
+    def faces_at(self, indices) -> dict:
+        from data_pipelines import alignment
+
+        need = sorted({i for i in indices if i not in self.faces})
+        if need:
+            try:
+                frames = read_frames(self.path, need)
+            except BadVideo as e:
+                frames = {}
+                log.warning("%s: %s", self.path, e)
+            for i in need:
+                if i not in frames:
+                    self.faces[i] = "truncated video"
+                    continue
+                keypoints = self._keypoints(frames[i])
+                if keypoints is None:
+                    self.faces[i] = "no face"
+                    continue
+                crop, matrix = alignment.align(frames[i], keypoints, self.size)
+                self.faces[i] = (crop, matrix, frames[i].shape)
+        return {i: self.faces[i] for i in indices}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fake:
+    path: str
+    method: str
+    target: str
+    source: str
+    mask_path: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class FaceForensics(paired_images.ManualBuilder):
+    """FaceForensics++ fake frames aligned with their true target and source faces."""
+
+    name = "faceforensics"
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [DEFAULT_CONFIG]
+    DEFAULT_BUILDER_CONFIG_NAME = "default"
+    LAYOUT = LAYOUT
+    HOMEPAGE = "https://github.com/ondyari/FaceForensics"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+    def _official_splits(self, root: str) -> dict[str, str]:
+        """video id -> split name, from splits/{train,val,test}.json."""
+        folder = splits.require_dir(os.path.join(root, "splits"), self.name, self.LAYOUT)
+        split_of = {}
+        for split, filename in SPLIT_FILES.items():
+            path = os.path.join(folder, filename)
+            try:
+                with open(path) as f:
+                    pairs = json.load(f)
+                ids = [str(i) for pair in pairs for i in pair]
+            except FileNotFoundError:
+                raise splits.DatasetLayoutError(
+                    f"{self.name}: split file not found: {path!r}; expected layout: {self.LAYOUT}"
+                ) from None
+            except (ValueError, TypeError) as e:
+                raise splits.DatasetLayoutError(
+                    f"{self.name}: {path!r} is not a json list of id pairs ({e})"
+                ) from None
+            for video_id in ids:
+                if split_of.setdefault(video_id, split) != split:
+                    log.warning("%s: id %s in two split files", self.name, video_id)
+        return split_of
+
+    def _split_generators(self, dl_manager):
+        config = self.builder_config
+        root = self._manual_root(dl_manager)
+        counters = self._new_counters()
+        originals_dir = splits.require_dir(
+            os.path.join(root, "original_sequences", "youtube", config.compression, "videos"),
+            self.name,
+            self.LAYOUT,
+        )
+        originals = {
+            os.path.splitext(f)[0]: os.path.join(originals_dir, f)
+            for f in sorted(os.listdir(originals_dir))
+            if f.endswith(".mp4")
+        }
+        split_of = self._official_splits(root)
+
+        manipulated = os.path.join(root, "manipulated_sequences")
+        present, missing = {}, []
+        for method in config.methods:
+            folder = os.path.join(manipulated, method, config.compression, "videos")
+            if os.path.isdir(folder):
+                present[method] = folder
+            else:
+                missing.append(method)
+        self.info.metadata["methods"] = sorted(present)
+        self.info.metadata["missing_methods"] = missing
+        if missing:
+            log.warning("%s: method folders not found (skipped): %s", self.name, missing)
+        if not present:
+            splits.require_dir(
+                os.path.join(manipulated, config.methods[0], config.compression, "videos"),
+                self.name,
+                f"{self.LAYOUT} (none of the method folders {', '.join(config.methods)} exists)",
+            )
+
+        fakes = {s: [] for s in splits.SPLITS}
+        for method, folder in present.items():
+            mask_dir = os.path.join(manipulated, method, "masks", "videos")
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                match = _FAKE_NAME.match(name)
+                if not match:
+                    counters[paired_images.UNSPLIT].skip(path, "unrecognised file name")
+                    continue
+                target, source = match.group("target"), match.group("source")
+                split, source_split = split_of.get(target), split_of.get(source)
+                if split is None or source_split is None:
+                    counters[paired_images.UNSPLIT].skip(path, "not in official splits")
+                elif split != source_split:
+                    counters[split].skip(path, "cross-split pair")
+                elif target not in originals:
+                    counters[split].skip(path, "missing target original")
+                elif source not in originals:
+                    counters[split].skip(path, "missing source original")
+                else:
+                    mask_path = os.path.join(mask_dir, name)
+                    mask_path = mask_path if os.path.isfile(mask_path) else None
+                    fakes[split].append(_Fake(path, method, target, source, mask_path))
+        pristine = {s: [] for s in splits.SPLITS}
+        if config.include_pristine:
+            for video_id, split in sorted(split_of.items()):
+                if video_id in originals:
+                    pristine[split].append(video_id)
+                else:
+                    counters[split].skip(video_id, "missing original video")
+        self._record_skips()
+
+        detector = paired_images.face_detector(config.min_face_confidence, config.min_face_size)
+        self._videos = paired_images.LRU(config.cache_videos)
+        self._original = lambda video_id: self._videos.get(
+            video_id,
+            lambda: _Original(
+                originals[video_id], detector, config.image_size, config.detect_max_side
+            ),
+        )
+        generators = {}
+        for split in splits.SPLITS:
+            plan = sorted(fakes[split], key=lambda f: (f.target, f.method, f.source))
+            if plan or pristine[split]:
+                generators[split] = self._generate_examples(split, plan, pristine[split])
+            else:
+                log.warning("%s: no examples planned for split %s", self.name, split)
+        if not generators:
+            raise paired_images.EmptySplitError(f"{self.name}: no usable video in {root!r}")
+        return generators
+
+    def _generate_examples(self, split: str, plan: list, pristine: list):
+        return self._annotated(split, self._parts(split, plan, pristine))
+
+    def _parts(self, split: str, plan: list, pristine: list):
+        from data_pipelines import alignment
+
+        config = self.builder_config
+        size = config.image_size
+        counter = self._counters[split]
+        for fake in plan:
+            target = self._original(fake.target)
+            source = self._original(fake.source)
+            if target.error or source.error:
+                which, error = (
+                    ("target", target.error) if target.error else ("source", source.error)
+                )
+                counter.skip(fake.path, f"{which} original: {error}")
+                continue
+            try:
+                indices = evenly_spaced(frame_count(fake.path), config.frames_per_video)
+                frames = read_frames(fake.path, indices)
+            except BadVideo as e:
+                counter.skip(fake.path, str(e))
+                continue
+            masks = {}
+            if fake.mask_path:
+                try:
+                    masks = read_frames(fake.mask_path, indices)
+                except BadVideo as e:  # fall back to derived masks, say so
+                    log.warning("%s: %s; deriving masks instead", fake.mask_path, e)
+            # One sequential read per video: all the frames this fake needs, at once.
+            targets = target.faces_at([target.clip(i) for i in indices])
+            sources = source.faces_at([source.clip(i) for i in indices])
+            for i in indices:
+                item = f"{fake.path}#{i}"
+                entry = targets[target.clip(i)]
+                if i not in frames:
+                    counter.skip(item, "truncated video")
+                    continue
+                if isinstance(entry, str):
+                    counter.skip(item, entry)
+                    continue
+                target_crop, matrix, shape = entry
+                if frames[i].shape != shape:
+                    counter.skip(item, "frame size mismatch")
+                    continue
+                image = alignment.warp_like(frames[i], matrix, size)
+                if i in masks and masks[i].shape == shape:
+                    mask = paired_images.binarise_mask(
+                        alignment.warp_like(masks[i], matrix, size), config.mask_threshold
+                    )
+                else:
+                    mask = paired_images.derive_mask(
+                        image,
+                        target_crop,
+                        config.diff_threshold,
+                        config.mask_close,
+                        config.min_region,
+                        config.mask_dilate,
+                    )
+                if not mask.any():
+                    counter.skip(item, "empty mask")
+                    continue
+                source_entry = sources[source.clip(i)]
+                if isinstance(source_entry, str):
+                    counter.skip(item, f"source: {source_entry}")
+                    continue
+                yield (
+                    f"{fake.method}/{fake.target}_{fake.source}/{i:06d}",
+                    paired_images.forgery_parts(
+                        image,
+                        source_entry[0],
+                        target_crop,
+                        mask,
+                        fake.method,
+                        fake.source,
+                        fake.target,
+                    ),
+                )
+        for video_id in pristine:
+            video = self._original(video_id)
+            if video.error:
+                counter.skip(video.path, video.error)
+                continue
+            indices = evenly_spaced(video.count, config.frames_per_video)
+            for i, entry in video.faces_at(indices).items():
+                if isinstance(entry, str):
+                    counter.skip(f"{video.path}#{i}", entry)
+                    continue
+                yield (
+                    f"pristine/{video_id}/{i:06d}",
+                    paired_images.pristine_parts(entry[0], video_id),
+                )
+
+
+BUILDER = FaceForensics

@@ -1,0 +1,587 @@
+"""Shared machinery of the builders that read a user's `manual_dir` (FF++, MegaFS, E4S).
+
+- `ManualBuilder`: the TFDS base (feature dict, metadata, skip counts per split kept in
+  `info.metadata["skipped"]` and so in metadata.json, `skip_summary()`, manual_dir checks).
+- `PairedImageBuilder`: a dataset of still swaps next to the originals they were made from
+  (`celeba_megafs`, `ffhq_e4s`): each swap file names its target and source originals.
+- `derive_mask`: the source-carrying region of a swap when the dataset ships no mask.
+- `Annotator`: 68 landmarks (face-api net) and the landmark-hull face mask, batched.
+
+Derived masks (datasets without ground truth): the per-pixel difference between the swap and
+its target, both already at the output size, `d = max_c |fake - target|`, is smoothed with a
+5x5 Gaussian (video and JPEG noise is per pixel; a swapped face differs over whole regions),
+thresholded at `diff_threshold` (of 255), closed with an elliptic kernel of `mask_close * S`
+pixels (joins the face parts the swap left almost unchanged, e.g. flat cheeks), its holes
+filled (eyes, mouth of a swapped face are source pixels too), regions smaller than
+`min_region * S^2` dropped (isolated compression blocks) and, optionally, dilated by
+`mask_dilate` pixels. Outside the result the smoothed difference is at most `diff_threshold`
+except in the dropped specks; an empty result (a "swap" identical to its target) is skipped.
+"""
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import re
+
+import cv2
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import features, skips, splits
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+UNSPLIT = "unsplit"  # skip-count bucket for files that belong to no split
+
+
+class EmptySplitError(ValueError):
+    """Every candidate of a split was skipped: the folder is unusable as it is."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Models shared by every builder in a process (each loads/compiles once).
+
+
+@functools.lru_cache(maxsize=None)
+def face_detector(min_confidence: float = 0.9, min_face_size: int = 20):
+    from data_pipelines import alignment  # lazy: MTCNN pulls in TensorFlow's Keras
+
+    return alignment.FaceDetector(min_confidence=min_confidence, min_face_size=min_face_size)
+
+
+@functools.lru_cache(maxsize=None)
+def landmark_detector(batch_size: int = 64):
+    from data_pipelines import landmarks
+
+    return landmarks.LandmarkDetector(batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image helpers.
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray | None:
+    """uint8 [size,size,3] of a square image (area-averaged when shrinking); None if not square."""
+    height, width = image.shape[:2]
+    if height != width:
+        return None
+    if height == size:
+        return image
+    interpolation = cv2.INTER_AREA if height > size else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """bool [H,W]: `mask` plus every background pixel not connected to the image border."""
+    mask = mask.astype(np.uint8)
+    padded = np.pad(mask, 1)
+    flood = padded.copy()
+    cv2.floodFill(flood, np.zeros((flood.shape[0] + 2, flood.shape[1] + 2), np.uint8), (0, 0), 1)
+    return (padded | (1 - flood)).astype(bool)[1:-1, 1:-1]
+
+
+def derive_mask(
+    fake: np.ndarray,
+    target: np.ndarray,
+    diff_threshold: float = 20.0,
+    mask_close: float = 0.04,
+    min_region: float = 0.002,
+    mask_dilate: int = 0,
+) -> np.ndarray:
+    """uint8 [S,S,1] (255 = source-carrying) from a swap and its target (module docstring)."""
+    size = fake.shape[0]
+    diff = np.abs(fake.astype(np.int16) - target.astype(np.int16)).max(-1).astype(np.float32)
+    diff = cv2.GaussianBlur(diff, (5, 5), 0)
+    mask = (diff > diff_threshold).astype(np.uint8)
+    k = max(int(round(mask_close * size)) | 1, 3)
+    mask = cv2.morphologyEx(
+        mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    )
+    mask = fill_holes(mask).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = np.zeros(count, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_region * size * size
+    mask = keep[labels].astype(np.uint8)
+    if mask_dilate > 0:
+        d = 2 * mask_dilate + 1
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d)))
+    return (mask * 255)[..., None]
+
+
+def binarise_mask(frame: np.ndarray, threshold: int = 127) -> np.ndarray:
+    """uint8 [S,S,1] 255/0 of a (compressed, warped) mask image: any channel above threshold."""
+    gray = frame.max(-1) if frame.ndim == 3 else frame
+    return np.where(gray > threshold, 255, 0).astype(np.uint8)[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small utilities.
+
+
+class LRU:
+    """A bounded mapping that forgets the least recently used entry."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(int(capacity), 1)
+        self._data = collections.OrderedDict()
+
+    def get(self, key, make):
+        if key in self._data:
+            self._data.move_to_end(key)
+            return self._data[key]
+        value = make()
+        self._data[key] = value
+        if len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+        return value
+
+
+def image_key(stem: str) -> str:
+    """Canonical image id: numeric names lose their zero padding ("00042" == "42")."""
+    return str(int(stem)) if stem.isdigit() else stem
+
+
+def index_images(folder: str) -> dict[str, str]:
+    """image_key(stem) -> path of every image file under `folder` (recursively, sorted)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                key = image_key(stem)
+                if key in found:
+                    log.warning("%s: duplicate image id %s, using %s", folder, key, found[key])
+                    continue
+                found[key] = os.path.join(dirpath, name)
+    return found
+
+
+def list_files(folder: str) -> list[str]:
+    """Every file under `folder`, recursively, in sorted order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames))
+    return out
+
+
+def first_dir(root: str, candidates) -> str | None:
+    for rel in candidates:
+        path = os.path.join(root, rel)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def read_identity_file(path: str) -> dict[str, str]:
+    """{image_key: person} from `<image id> <person id>` lines (headers and blanks ignored)."""
+    ids = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            stem = os.path.splitext(parts[0])[0]
+            if not stem.isdigit() and not parts[1].isdigit():
+                continue  # a header row such as "idx orig_idx orig_file"
+            ids[image_key(stem)] = parts[1]
+    return ids
+
+
+def named_config(config_cls, base, **overrides):
+    """A config like `base` with `overrides`, named after what differs ("image_size-112+...").
+
+    Distinct options get distinct names, hence distinct prepared-data folders.
+    """
+    if not overrides:
+        return base
+    name = overrides.pop("name", None)
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown {config_cls.__name__} fields: {sorted(unknown)}")
+    parts = []
+    for key in sorted(overrides):
+        value = overrides[key]
+        if value == getattr(base, key):
+            continue
+        if isinstance(value, (bool, int, float, str)) and re.fullmatch(r"[\w.]{1,24}", str(value)):
+            parts.append(f"{key}-{value}")
+        else:
+            digest = hashlib.sha1(repr(value).encode()).hexdigest()[:8]
+            parts.append(f"{key}-{digest}")
+    if not parts and name is None:
+        return base
+    kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(config_cls)}
+    kwargs.update(overrides)
+    kwargs["name"] = name or "+".join(parts)  # tfds config names allow [\w+\-.]
+    kwargs["description"] = f"{base.description or ''} ({', '.join(parts)})".strip()
+    return config_cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Landmarks and face masks, batched.
+
+
+class Annotator:
+    """Collects half-made examples and completes them in landmark batches.
+
+    `landmarks` are the TARGET face's (the features contract); `face_mask` is the hull of the
+    landmarks of `image` (the face region blended forgeries paste into). A pristine face is its
+    own target, so it costs one landmark image, a forgery two.
+    """
+
+    def __init__(self, detector, size: int):
+        self.detector = detector
+        self.size = size
+        self.capacity = max(getattr(detector, "batch_size", 64), 2)
+        self.pending = []
+        self.images = 0
+
+    def add(self, key: str, parts: dict) -> list:
+        self.pending.append((key, parts))
+        self.images += 1 if parts["label"] == 0 else 2
+        return self.flush() if self.images >= self.capacity - 1 else []
+
+    def flush(self) -> list:
+        if not self.pending:
+            return []
+        from data_pipelines import landmarks
+
+        crops = []
+        for _, parts in self.pending:
+            crops.append(parts["image"])
+            if parts["label"]:
+                crops.append(parts["target"])
+        points = self.detector(np.stack(crops))
+        done, i = [], 0
+        for key, parts in self.pending:
+            image_points = points[i]
+            target_points = points[i + 1] if parts["label"] else image_points
+            i += 2 if parts["label"] else 1
+            face_mask = landmarks.hull_mask(image_points, self.size)
+            if parts["label"]:
+                example = features.forgery_example(
+                    image=parts["image"],
+                    source=parts["source"],
+                    target=parts["target"],
+                    mask=parts["mask"],
+                    face_mask=face_mask,
+                    landmarks=target_points,
+                    method=parts["method"],
+                    source_id=parts["source_id"],
+                    target_id=parts["target_id"],
+                )
+            else:
+                example = features.pristine_example(
+                    parts["image"], face_mask, image_points, parts["target_id"]
+                )
+            done.append((key, example))
+        self.pending, self.images = [], 0
+        return done
+
+
+def pristine_parts(image: np.ndarray, identity: str) -> dict:
+    return {"label": 0, "image": image, "target_id": identity}
+
+
+def forgery_parts(image, source, target, mask, method, source_id, target_id) -> dict:
+    return {
+        "label": 1,
+        "image": image,
+        "source": source,
+        "target": target,
+        "mask": mask,
+        "method": method,
+        "source_id": source_id,
+        "target_id": target_id,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS base.
+
+
+class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the manual_dir builders: features, metadata, skip accounting."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    LAYOUT = ""  # one-paragraph expected tree (the DatasetLayoutError text)
+    HOMEPAGE = ""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(self.__doc__ or "").strip().split("\n")[0],
+            features=features.features_dict(self.builder_config.image_size),
+            homepage=self.HOMEPAGE or None,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def skip_summary(self) -> dict[str, dict[str, int]]:
+        """{split: {reason: count}} of the inputs skipped while building (from metadata.json)."""
+        skipped = self.info.metadata.get("skipped", {}) if self.info.metadata else {}
+        return {split: dict(reasons) for split, reasons in skipped.items()}
+
+    def _manual_root(self, dl_manager) -> str:
+        """The manual_dir, or DatasetLayoutError naming it and the expected tree."""
+        try:
+            path = dl_manager.manual_dir
+        except AssertionError:  # tfds' own "does not exist or is empty"
+            path = getattr(dl_manager, "_manual_dir", None)
+            if path is not None and os.path.isdir(path):
+                raise splits.DatasetLayoutError(
+                    f"{self.name}: manual_dir is empty: {str(path)!r}; expected layout: "
+                    + " ".join(self.LAYOUT.split())
+                ) from None
+        return splits.require_dir(str(path) if path else "", self.name, self.LAYOUT)
+
+    def _new_counters(self) -> dict[str, skips.SkipCounter]:
+        counters = {s: skips.SkipCounter(f"{self.name}/{s}") for s in splits.SPLITS}
+        counters[UNSPLIT] = skips.SkipCounter(f"{self.name}/{UNSPLIT}")
+        self._counters = counters
+        self._record_skips()
+        return counters
+
+    def _record_skips(self) -> None:
+        self.info.metadata["skipped"] = {
+            split: counter.summary()
+            for split, counter in self._counters.items()
+            if split != UNSPLIT or counter.total
+        }
+
+    def _finish_split(self, split: str, yielded: int) -> None:
+        counter = self._counters[split]
+        self._record_skips()
+        log.info("%s/%s: %d examples, %s", self.name, split, yielded, counter)
+        if yielded == 0:
+            raise EmptySplitError(
+                f"{self.name}: every candidate of split {split!r} was skipped ({counter}); "
+                "check the files against the layout in the builder's docstring"
+            )
+
+    def _annotated(self, split: str, parts_iter):
+        """Yields (key, example) of (key, parts) items through an Annotator; counts the split."""
+        annotator = Annotator(
+            landmark_detector(self.builder_config.landmark_batch), self.builder_config.image_size
+        )
+        yielded = 0
+        for key, parts in parts_iter:
+            for item in annotator.add(key, parts):
+                yielded += 1
+                yield item
+        for item in annotator.flush():
+            yielded += 1
+            yield item
+        self._finish_split(split, yielded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Still-image swap datasets.
+
+
+@dataclasses.dataclass(eq=False)
+class PairedImageConfig(tfds.core.BuilderConfig):
+    """Options of a swap-image dataset (see the builder docstrings for the folder layout).
+
+    image_size: output side S (images are resized, not re-aligned).
+    originals_dirs: candidate folders (relative to manual_dir) of the original images; the
+      first that exists is indexed recursively by file stem ("00042.png" and "42.jpg" are id 42).
+    method_dirs: (method, candidate folders) per swap method; missing ones are reported in
+      metadata["missing_methods"] (an error only if every method is missing).
+    swap_pattern: regex on a swap's file name with named groups `target` and `source`.
+    identity_files: candidate `<image id> <person id>` files; without one every image id is
+      its own identity.
+    include_pristine: the originals used as targets also become pristine examples.
+    split_fractions, split_salt: `splits.identity_split` of the target's identity.
+    diff_threshold, mask_close, min_region, mask_dilate: `derive_mask` (module docstring).
+    landmark_batch: batch of the landmark net (one compiled program).
+    cache_size: decoded originals kept in memory.
+    """
+
+    image_size: int = 224
+    originals_dirs: tuple = ()
+    method_dirs: tuple = ()
+    swap_pattern: str = r"^(?P<target>\d+)_(?P<source>\d+)\.(?:jpe?g|png)$"
+    identity_files: tuple = ()
+    include_pristine: bool = True
+    split_fractions: tuple = splits.DEFAULT_FRACTIONS
+    split_salt: str = "dfrec"
+    diff_threshold: float = 20.0
+    mask_close: float = 0.04
+    min_region: float = 0.002
+    mask_dilate: int = 0
+    landmark_batch: int = 64
+    cache_size: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class _Swap:
+    key: str  # "<method>/<path under the method folder>": unique
+    path: str
+    method: str
+    target: str  # image keys
+    source: str
+
+
+class PairedImageBuilder(ManualBuilder, skip_registration=True):
+    """A folder of originals plus one folder of swaps per method (`<target>` and `<source>`
+    image ids in each swap's file name). Subclasses set BUILDER_CONFIGS, LAYOUT, the docstring
+    and MANUAL_DOWNLOAD_INSTRUCTIONS."""
+
+    def _identities(self, root: str) -> dict[str, str]:
+        """image key -> person id, from the first identity file found ({} without one)."""
+        for rel in self.builder_config.identity_files:
+            path = os.path.join(root, rel)
+            if os.path.isfile(path):
+                return read_identity_file(path)
+        return {}
+
+    def _split_generators(self, dl_manager):
+        config = self.builder_config
+        root = self._manual_root(dl_manager)
+        counters = self._new_counters()
+        originals_dir = first_dir(root, config.originals_dirs)
+        if originals_dir is None:
+            splits.require_dir(os.path.join(root, config.originals_dirs[0]), self.name, self.LAYOUT)
+        originals = index_images(originals_dir)
+        identities = self._identities(root)
+
+        def identity(key):
+            return identities.get(key, key)
+
+        present, missing = {}, []
+        for method, candidates in config.method_dirs:
+            folder = first_dir(root, candidates)
+            if folder is None:
+                missing.append(method)
+            else:
+                present[method] = folder
+        self.info.metadata["methods"] = sorted(present)
+        self.info.metadata["missing_methods"] = missing
+        self.info.metadata["originals_dir"] = os.path.relpath(originals_dir, root)
+        self.info.metadata["identity_source"] = "file" if identities else "image id"
+        if missing:
+            log.warning("%s: method folders not found (skipped): %s", self.name, missing)
+        if not present:
+            wanted = ", ".join(c[0] for _, c in config.method_dirs)
+            splits.require_dir(
+                os.path.join(root, config.method_dirs[0][1][0]),
+                self.name,
+                f"{self.LAYOUT} (none of the method folders {wanted} exists)",
+            )
+
+        pattern = re.compile(config.swap_pattern)
+        plans = {s: [] for s in splits.SPLITS}
+        pristine = {s: set() for s in splits.SPLITS}
+        for method, folder in sorted(present.items()):
+            for path in list_files(folder):
+                match = pattern.match(os.path.basename(path))
+                if not match:
+                    counters[UNSPLIT].skip(path, "unrecognised file name")
+                    continue
+                target = image_key(match.group("target"))
+                source = image_key(match.group("source"))
+                split = splits.identity_split(
+                    identity(target), config.split_fractions, config.split_salt
+                )
+                source_split = splits.identity_split(
+                    identity(source), config.split_fractions, config.split_salt
+                )
+                if target not in originals:
+                    counters[split].skip(path, "missing target original")
+                elif source not in originals:
+                    counters[split].skip(path, "missing source original")
+                elif source_split != split:
+                    counters[split].skip(path, "cross-split pair")
+                else:
+                    key = f"{method}/{os.path.relpath(path, folder)}"
+                    plans[split].append(_Swap(key, path, method, target, source))
+                    pristine[split].add(target)
+        self._record_skips()
+        self._originals = originals
+        self._identity = identity
+        self._cache = LRU(config.cache_size)
+        generators = {}
+        for split in splits.SPLITS:
+            targets = sorted(pristine[split]) if config.include_pristine else []
+            if plans[split] or targets:
+                generators[split] = self._generate_examples(split, plans[split], targets)
+            else:
+                log.warning("%s: no examples planned for split %s", self.name, split)
+        if not generators:
+            raise EmptySplitError(f"{self.name}: no usable swap in {root!r} ({counters[UNSPLIT]})")
+        return generators
+
+    def _original(self, key: str):
+        """Decoded, resized original (uint8 [S,S,3]) or the reason it cannot be used."""
+
+        def load():  # the caller counts a failure in its split, once per use
+            try:
+                image = skips.read_rgb8(self._originals[key])
+            except skips.BadImage as e:
+                return str(e)
+            resized = resize_square(image, self.builder_config.image_size)
+            return "not square" if resized is None else resized
+
+        return self._cache.get(key, load)
+
+    def _generate_examples(self, split: str, plan: list, targets: list):
+        return self._annotated(split, self._parts(split, plan, targets))
+
+    def _parts(self, split: str, plan: list, targets: list):
+        config = self.builder_config
+        counter = self._counters[split]
+        for swap in plan:
+            rel = swap.path
+            fake = skips.try_read_rgb8(swap.path, counter)
+            if fake is None:
+                continue
+            fake = resize_square(fake, config.image_size)
+            if fake is None:
+                counter.skip(rel, "not square")
+                continue
+            target = self._original(swap.target)
+            if isinstance(target, str):
+                counter.skip(rel, f"target original: {target}")
+                continue
+            source = self._original(swap.source)
+            if isinstance(source, str):
+                counter.skip(rel, f"source original: {source}")
+                continue
+            mask = derive_mask(
+                fake,
+                target,
+                config.diff_threshold,
+                config.mask_close,
+                config.min_region,
+                config.mask_dilate,
+            )
+            if not mask.any():
+                counter.skip(rel, "empty mask (swap equals its target)")
+                continue
+            yield (
+                swap.key,
+                forgery_parts(
+                    fake,
+                    source,
+                    target,
+                    mask,
+                    swap.method,
+                    self._identity(swap.source),
+                    self._identity(swap.target),
+                ),
+            )
+        for key in targets:
+            image = self._original(key)
+            if isinstance(image, str):
+                counter.skip(self._originals[key], image)
+                continue
+            yield f"pristine/{key}", pristine_parts(image, self._identity(key))

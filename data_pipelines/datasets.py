@@ -1,0 +1,85 @@
+"""One entry point from `config.data` to a prepared TFDS builder, whatever the dataset."""
+
+import logging
+import time
+
+import tensorflow_datasets as tfds
+
+from data_pipelines import splits
+
+DATASETS = ("lfw_swap", "faceforensics", "celeba_megafs", "ffhq_e4s")
+
+
+def _builder_module(name: str):
+    # Imported lazily: each builder pulls in its own heavy pieces (MTCNN, video decoding).
+    if name == "lfw_swap":
+        from data_pipelines.builders import lfw_swap as module
+    elif name == "faceforensics":
+        from data_pipelines.builders import faceforensics as module
+    elif name == "celeba_megafs":
+        from data_pipelines.builders import celeba_megafs as module
+    elif name == "ffhq_e4s":
+        from data_pipelines.builders import ffhq_e4s as module
+    else:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return module
+
+
+def _chosen_methods(method_dirs, methods) -> dict:
+    if not methods:
+        return {}
+    wanted = {m.lower() for m in methods}
+    known = {name.lower() for name, _ in method_dirs}
+    if not wanted <= known:
+        raise ValueError(f"unknown methods {sorted(wanted - known)}; known: {sorted(known)}")
+    return {"method_dirs": tuple(md for md in method_dirs if md[0].lower() in wanted)}
+
+
+def get_builder(data) -> tfds.core.DatasetBuilder:
+    """The (not necessarily prepared) builder `config.data` describes."""
+    module = _builder_module(data.dataset)
+    methods = tuple(data.methods) or None
+    if data.dataset == "lfw_swap":
+        config = module.make_config(
+            image_size=data.image_size,
+            lfw_dir=data.lfw_dir,
+            seed=data.seed,
+            max_people=data.max_people,
+            forgeries_per_image=data.forgeries_per_image,
+            methods=methods,
+        )
+    elif data.dataset == "faceforensics":
+        chosen = {"methods": methods} if methods else {}
+        config = module.make_config(image_size=data.image_size, **chosen)
+    else:
+        chosen = _chosen_methods(module.DEFAULT_CONFIG.method_dirs, methods)
+        config = module.make_config(image_size=data.image_size, **chosen)
+    return module.BUILDER(config=config, data_dir=data.data_dir)
+
+
+def _download_config(data) -> tfds.download.DownloadConfig:
+    manual_dir = data.manual_dir or None
+    if data.dataset != "lfw_swap":
+        splits.require_dir(manual_dir, data.dataset, _builder_module(data.dataset).LAYOUT)
+    return tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+
+
+def prepare(data) -> tfds.core.DatasetBuilder:
+    """The builder, prepared (built once into data.data_dir, reused afterwards)."""
+    builder = get_builder(data)
+    if not builder.is_prepared():
+        start = time.perf_counter()
+        logging.info("building %s into %s", builder.info.full_name, builder.data_dir)
+        builder.download_and_prepare(download_config=_download_config(data))
+        logging.info("built %s in %.0f s", builder.info.full_name, time.perf_counter() - start)
+    return builder
+
+
+def describe(builder: tfds.core.DatasetBuilder) -> dict:
+    """Split sizes and skip counts of a prepared builder (what `build_data` prints)."""
+    return {
+        "dataset": builder.info.full_name,
+        "data_dir": builder.data_dir,
+        "splits": {name: info.num_examples for name, info in builder.info.splits.items()},
+        "skipped": builder.skip_summary(),
+    }

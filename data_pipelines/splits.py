@@ -1,0 +1,58 @@
+"""Identity-disjoint train/validation/test splits and dataset-folder checks.
+
+A person's split is a pure function of their name (sha256 bucket), so it never changes when
+people are added or removed, and no identity can appear in two splits.
+"""
+
+import hashlib
+import os
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset folder that is missing or not in the documented layout (one-line message)."""
+
+
+def identity_split(identity: str, fractions=DEFAULT_FRACTIONS, salt: str = "dfrec") -> str:
+    """ "train" / "validation" / "test" for `identity`, by a stable hash bucket."""
+    if abs(sum(fractions) - 1.0) > 1e-6 or len(fractions) != len(SPLITS):
+        raise ValueError(f"split fractions must be 3 numbers summing to 1, got {fractions}")
+    digest = hashlib.sha256(f"{salt}:{identity}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    edge = 0.0
+    for name, fraction in zip(SPLITS, fractions):
+        edge += fraction
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+def require_dir(path: str, dataset: str, layout: str) -> str:
+    """`path` if it is a folder, else DatasetLayoutError naming it and the expected layout."""
+    if not path or not os.path.isdir(path):
+        layout = " ".join(layout.split())
+        raise DatasetLayoutError(
+            f"{dataset}: folder not found: {path!r}; expected layout: {layout}"
+        )
+    return path
+
+
+LFW_LAYOUT = "<root>/<Person_Name>/<Person_Name>_NNNN.jpg (LFW's folder per person)"
+
+
+def scan_lfw(root: str) -> dict[str, list[str]]:
+    """Person -> sorted image paths for an LFW-layout folder; people sorted by name."""
+    require_dir(root, "lfw", LFW_LAYOUT)
+    people = {}
+    for person in sorted(os.listdir(root)):
+        folder = os.path.join(root, person)
+        if not os.path.isdir(folder):
+            continue
+        files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+        if files:
+            people[person] = [os.path.join(folder, f) for f in files]
+    if not people:
+        raise DatasetLayoutError(f"lfw: no person folders with images in {root!r}; {LFW_LAYOUT}")
+    return people

@@ -1,0 +1,105 @@
+"""The data entry points: identity splits, strict image reading, the dataset factory and the
+`build_data` command (split sizes and skip counts printed as JSON)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo
+from data_pipelines import datasets, skips, splits
+from dfrec_jax import configlib
+
+
+def test_identity_split_is_stable_and_proportional():
+    people = sorted(splits.scan_lfw(configlib.lfw_dir()))
+    first = [splits.identity_split(p) for p in people]
+    assert first == [splits.identity_split(p) for p in people]
+    share = {name: first.count(name) / len(first) for name in splits.SPLITS}
+    assert abs(share["train"] - 0.8) < 0.03 and abs(share["test"] - 0.1) < 0.02
+    assert splits.identity_split("x", salt="a") in splits.SPLITS
+    with pytest.raises(ValueError, match="sum"):
+        splits.identity_split("x", fractions=(0.5, 0.5, 0.5))
+
+
+def test_read_rgb8_rejects_everything_but_8bit_rgb(tmp_path):
+    face = np.full((8, 8, 3), 200, np.uint8)
+    Image.fromarray(face).save(tmp_path / "ok.png")
+    assert np.array_equal(skips.read_rgb8(str(tmp_path / "ok.png")), face)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), face.astype(np.uint16) * 257)
+    Image.fromarray(face[..., 0]).save(tmp_path / "gray.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello")
+    expected = {
+        "rgb16.png": "16-bit PNG",
+        "gray.png": "mode L",
+        "empty.jpg": "empty file",
+        "text.jpg": "not an image",
+        "absent.jpg": "missing file",
+    }
+    counter = skips.SkipCounter("t")
+    for name, reason in expected.items():
+        with pytest.raises(skips.BadImage, match=reason):
+            skips.read_rgb8(str(tmp_path / name))
+        assert skips.try_read_rgb8(str(tmp_path / name), counter) is None
+    assert counter.total == len(expected)
+    assert "5 skipped" in str(counter)
+
+
+def test_factory_errors_are_one_line():
+    data = demo.get_config().data
+    data.dataset = "nope"
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        datasets.get_builder(data)
+    data.dataset = "celeba_megafs"
+    data.methods = ("FTM", "XYZ")
+    with pytest.raises(ValueError, match="unknown methods"):
+        datasets.get_builder(data)
+    data.methods = ()
+    data.manual_dir = "/no/such/download"
+    with pytest.raises(splits.DatasetLayoutError, match="/no/such/download.*expected layout"):
+        datasets.prepare(data)
+
+
+def test_factory_maps_config_fields():
+    data = ml_collections.ConfigDict(demo.get_config().data)
+    data.update(dataset="celeba_megafs", methods=("lcr",), image_size=64)
+    config = datasets.get_builder(data).builder_config
+    assert config.image_size == 64 and [m for m, _ in config.method_dirs] == ["LCR"]
+    data.update(dataset="lfw_swap", max_people=3, seed=5, methods=())
+    config = datasets.get_builder(data).builder_config
+    assert (config.max_people, config.seed, config.image_size) == (3, 5, 64)
+
+
+def test_build_data_command_prints_split_sizes_and_skips(tmp_path):
+    """`python -m dfrec_jax build_data` on a 4-person LFW tree with one corrupt file."""
+    source = configlib.lfw_dir()
+    people = [p for p, paths in splits.scan_lfw(source).items() if len(paths) >= 2]
+    train = [p for p in people if splits.identity_split(p) == "train"][:3]
+    test = [p for p in people if splits.identity_split(p) == "test"][:2]
+    lfw = tmp_path / "lfw"
+    for person in train + test:
+        os.makedirs(lfw / person)
+        for path in splits.scan_lfw(source)[person][:2]:
+            shutil.copy(path, lfw / person)
+    (lfw / train[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff junk")
+    command = [
+        sys.executable, "-m", "dfrec_jax", "build_data", "--config", "configs/demo.py",
+        f"--config.data.lfw_dir={lfw}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=configlib.REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # 6 train images -> 6 pristine + 6 forgeries; 4 test images -> 4 + 4; no validation people.
+    assert report["splits"] == {"train": 12, "test": 8}
+    assert report["skipped"]["train"] == {"not an image": 1}
+    assert report["dataset"].startswith("lfw_swap/res112")

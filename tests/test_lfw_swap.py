@@ -1,0 +1,246 @@
+"""The lfw_swap TFDS builder end to end on a tiny LFW-layout tree of real faces plus bad files:
+splits, mask/label consistency of every example, determinism, skip counts, 224, errors."""
+
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_pipelines import skips, splits, swap
+from data_pipelines.builders import lfw_swap
+from dfrec_jax import configlib
+
+# A person folder holding only bad files, named so that it falls in the train split.
+ONLY_BAD_PERSON = next(
+    name for name in (f"Zz_Only_Bad_{i}" for i in range(100))
+    if splits.identity_split(name) == "train"
+)  # fmt: skip
+
+
+def _pick_people(root):
+    """People by split: train 3 with several images + 2 singles, validation 1 + 1, test 1."""
+    want = {
+        ("train", True): 3,
+        ("train", False): 2,
+        ("validation", True): 1,
+        ("validation", False): 1,
+        ("test", False): 1,
+    }
+    picked = {}
+    for person, paths in splits.scan_lfw(root).items():
+        slot = (splits.identity_split(person), len(paths) > 1)
+        if want.get(slot, 0) > 0:
+            want[slot] -= 1
+            picked[person] = paths[:2]
+        if not any(want.values()):
+            return picked
+    raise AssertionError(f"not enough people in {root} for the fixture: {want}")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A small LFW tree: 13 real images of 8 people, and every kind of bad file."""
+    root = configlib.lfw_dir()
+    assert os.path.isdir(root), f"real LFW faces needed at {root} (or set DFREC_LFW_DIR)"
+    out = tmp_path_factory.mktemp("lfw")
+    people = _pick_people(root)
+    for person, paths in people.items():
+        os.makedirs(out / person)
+        for path in paths:
+            shutil.copy(path, out / person)
+    host = next(p for p, paths in people.items() if splits.identity_split(p) == "train")
+    face = Image.open(people[host][0])
+    raw = open(people[host][0], "rb").read()
+    bad = out / host
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (bad / "text.jpg").write_text("not a picture\n")
+    face.convert("L").save(bad / "gray.jpg")
+    face.convert("CMYK").save(bad / "cmyk.jpg")
+    Image.fromarray(np.asarray(face.convert("L")).astype(np.uint16) * 257).save(bad / "deep.png")
+    # 16-bit RGB: Pillow opens it as mode "RGB" (dropping the low byte); it must still be caught.
+    cv2.imwrite(str(bad / "deep_rgb.png"), np.asarray(face).astype(np.uint16) * 257)
+    face.resize((100, 100)).save(bad / "small.jpg")
+    Image.new("RGB", (112, 112), (128, 128, 128)).save(bad / "flat.jpg")  # no face in it
+    os.makedirs(out / ONLY_BAD_PERSON)
+    (out / ONLY_BAD_PERSON / "a.jpg").write_bytes(b"")
+    (out / ONLY_BAD_PERSON / "b.jpg").write_text("nope")
+    return {"root": str(out), "people": people}
+
+
+def _build(tree, data_dir, **kwargs):
+    config = lfw_swap.make_config(lfw_dir=tree["root"], **kwargs)
+    builder = lfw_swap.LfwSwap(config=config, data_dir=str(data_dir))
+    builder.download_and_prepare()
+    return builder
+
+
+def _examples(builder):
+    return {
+        split: list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+        for split in builder.info.splits
+    }
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@pytest.fixture(scope="module")
+def built(tree, tmp_path_factory):
+    builder = _build(tree, tmp_path_factory.mktemp("tfds"))
+    return builder, _examples(builder)
+
+
+def test_split_sizes_and_identity_disjoint(tree, built):
+    builder, examples = built
+    assert set(examples) == {"train", "validation", "test"}
+    images = {s: sum(len(p) for n, p in tree["people"].items() if splits.identity_split(n) == s)
+              for s in splits.SPLITS}  # fmt: skip
+    # A pristine example and a forgery per usable image; the lone test person has no partner.
+    assert len(examples["train"]) == 2 * images["train"]
+    assert len(examples["validation"]) == 2 * images["validation"]
+    assert len(examples["test"]) == images["test"] == 1
+    ids = {}
+    for split, items in examples.items():
+        ids[split] = {_text(e[k]) for e in items for k in ("source_id", "target_id")}
+        assert ids[split] <= {p for p in tree["people"] if splits.identity_split(p) == split}
+    assert not ids["train"] & ids["validation"]
+    assert not ids["train"] & ids["test"] and not ids["validation"] & ids["test"]
+
+
+def test_every_example_is_consistent(tree, built):
+    _, examples = built
+    methods = set()
+    for items in examples.values():
+        for e in items:
+            assert e["image"].shape == (112, 112, 3) and e["mask"].shape == (112, 112, 1)
+            assert e["face_mask"].any() and e["landmarks"].shape == (68, 2)
+            if e["label"] == 0:
+                assert _text(e["method"]) == "pristine"
+                assert not e["mask"].any()
+                np.testing.assert_array_equal(e["source"], e["image"])
+                np.testing.assert_array_equal(e["target"], e["image"])
+                assert e["source_id"] == e["target_id"]
+            else:
+                methods.add(_text(e["method"]))
+                outside = e["mask"][..., 0] == 0
+                assert (~outside).sum() > 500
+                np.testing.assert_array_equal(e["image"][outside], e["target"][outside])
+                inside = e["mask"][..., 0] >= 128
+                assert np.abs(e["image"].astype(int) - e["target"])[inside].mean() > 4
+                assert e["source_id"] != e["target_id"]
+                assert not np.array_equal(e["source"], e["target"])
+    assert methods and methods <= set(swap.METHODS)
+
+
+def test_images_are_the_lfw_files_bit_for_bit(tree, built):
+    """PNG round trip and colour order: every pristine image is one of its person's files."""
+    _, examples = built
+    for items in examples.values():
+        for e in items:
+            if e["label"] == 0:
+                files = [skips.read_rgb8(p) for p in tree["people"][_text(e["target_id"])]]
+                assert any(np.array_equal(e["image"], f) for f in files)
+
+
+def test_skips_are_counted_with_reasons(tree, built):
+    builder, _ = built
+    summary = builder.skip_summary()
+    assert set(summary) == {"train", "validation", "test"}
+    assert summary["test"] == {"missing partner": 1}
+    assert summary["validation"] == {}
+    total = {}
+    for reasons in summary.values():
+        for reason, n in reasons.items():
+            total[reason] = total.get(reason, 0) + n
+    assert total == {
+        "empty file": 2,
+        "not an image": 2,
+        "corrupt or truncated (OSError)": 1,
+        "not 8-bit RGB (mode L)": 1,
+        "not 8-bit RGB (mode CMYK)": 1,
+        "not 8-bit RGB (mode I;16)": 1,
+        "not 8-bit RGB (16-bit PNG)": 1,
+        "unexpected size (not 112x112)": 1,
+        "no face found": 1,
+        "missing partner": 1,
+    }
+    # Persisted with the dataset: a fresh builder (another lfw_dir path, same content) reads it.
+    again = lfw_swap.LfwSwap(
+        config=lfw_swap.make_config(lfw_dir="/elsewhere"), data_dir=builder.data_dir_root
+    )
+    assert again.is_prepared() and again.skip_summary() == summary
+
+
+def test_deterministic_for_a_seed(tree, built, tmp_path):
+    _, examples = built
+    again = _examples(_build(tree, tmp_path / "same"))
+    for split, items in examples.items():
+        assert len(again[split]) == len(items)
+        for a, b in zip(items, again[split]):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    other = _examples(_build(tree, tmp_path / "other", seed=1))
+    forged = [e for e in examples["train"] if e["label"] == 1]
+    forged_other = [e for e in other["train"] if e["label"] == 1]
+    assert len(forged) == len(forged_other)
+    key = lambda e: e["target"].tobytes()  # noqa: E731
+    pairs = zip(sorted(forged, key=key), sorted(forged_other, key=key))
+    assert any(not np.array_equal(a["image"], b["image"]) for a, b in pairs)
+
+
+def test_224_resizes_and_stays_exact(tree, tmp_path):
+    builder = _build(tree, tmp_path, image_size=224)
+    assert builder.builder_config.name == "res224"
+    items = _examples(builder)["train"]
+    assert len(items) > 0
+    for e in items:
+        assert e["image"].shape == (224, 224, 3) and e["mask"].shape == (224, 224, 1)
+        assert e["landmarks"].max() > 150  # scaled to the 224 frame
+        outside = e["mask"][..., 0] == 0
+        np.testing.assert_array_equal(e["image"][outside], e["target"][outside])
+        assert (e["label"] == 1) == e["mask"].any()
+
+
+def test_missing_folder_is_one_clear_error(tmp_path):
+    missing = str(tmp_path / "no_such_lfw")
+    builder = lfw_swap.LfwSwap(
+        config=lfw_swap.make_config(lfw_dir=missing), data_dir=str(tmp_path / "d")
+    )
+    with pytest.raises(splits.DatasetLayoutError, match="no_such_lfw.*expected layout"):
+        builder.download_and_prepare()
+
+
+def test_config_names_follow_content_not_path():
+    assert lfw_swap.make_config().name == "res112"
+    assert lfw_swap.make_config(224, lfw_dir="/a").name == "res224"
+    assert lfw_swap.make_config(lfw_dir="/b").name == "res112"
+    names = {
+        lfw_swap.make_config(seed=1).name,
+        lfw_swap.make_config(max_people=200).name,
+        lfw_swap.make_config(forgeries_per_image=2).name,
+        lfw_swap.make_config(methods=("hull_blend",)).name,
+        lfw_swap.make_config(methods=tuple(reversed(swap.METHODS))).name,
+    }
+    assert len(names) == 5 and all(n.startswith("res112-") and len(n) == 15 for n in names)
+    assert lfw_swap.make_config(seed=1).name == lfw_swap.make_config(seed=1, lfw_dir="/x").name
+    with pytest.raises(ValueError, match="methods"):
+        lfw_swap.make_config(methods=("nope",))
+    with pytest.raises(ValueError, match="make_config"):
+        lfw_swap.LfwSwap(config=lfw_swap.LfwSwapConfig(name="res112", seed=3), data_dir="/tmp")
+
+
+def test_plausibility_rejects_non_faces(built):
+    _, examples = built
+    real = [e["landmarks"] for e in examples["train"] if e["label"] == 0]
+    assert all(lfw_swap.plausible_landmarks(points) for points in real)
+    mean_face = np.mean(real, axis=0)
+    assert not lfw_swap.plausible_landmarks(mean_face * 0.3)  # too small
+    assert not lfw_swap.plausible_landmarks(mean_face + 40)  # off the alignment / the image
+    assert not lfw_swap.plausible_landmarks(112 - mean_face)  # upside down
+    assert not lfw_swap.plausible_landmarks(np.full((68, 2), np.nan))

@@ -1,0 +1,314 @@
+"""faceforensics, celeba_megafs and ffhq_e4s built end to end from tiny manual_dir trees.
+
+The trees (tests/fixtures_manual.py) follow each builder's documented layout and hold real LFW
+faces: FF++ as short mp4 videos with swapped inner faces, a mask video, the split jsons and a
+corrupt video; MegaFS / E4S as originals plus swaps and bad files. One MTCNN and one landmark
+net serve every build (paired_images caches them per process).
+"""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from data_pipelines import skips, splits
+from data_pipelines.builders import celeba_megafs, faceforensics, ffhq_e4s, paired_images
+from tests import fixtures_manual
+
+LANDMARK_BATCH = 16  # small padded batches: the fixtures have a few dozen faces
+
+
+def prepare(builder_cls, config, data_dir, manual_dir):
+    builder = builder_cls(data_dir=str(data_dir), config=config)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
+    return builder
+
+
+def load(builder) -> dict[str, list[dict]]:
+    return {
+        split: list(tfds.as_numpy(builder.as_dataset(split=split)))
+        for split in sorted(builder.info.splits)
+    }
+
+
+def iou(a, b) -> float:
+    a, b = np.squeeze(np.asarray(a)) > 0, np.squeeze(np.asarray(b)) > 0
+    assert a.shape == b.shape
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def check_example(ex: dict, size: int = 224) -> None:
+    """The features contract: pristine = nothing pasted; forgery = target outside the mask."""
+    assert ex["image"].shape == ex["source"].shape == ex["target"].shape == (size, size, 3)
+    assert ex["mask"].shape == ex["face_mask"].shape == (size, size, 1)
+    assert set(np.unique(ex["mask"])) <= {0, 255}
+    assert ex["face_mask"].mean() > 0.15 * 255  # the landmark hull of a face filling the crop
+    assert np.isfinite(ex["landmarks"]).all()
+    assert (ex["landmarks"] > -0.1 * size).all() and (ex["landmarks"] < 1.1 * size).all()
+    if ex["label"] == 0:
+        assert ex["method"] == b"pristine"
+        assert not ex["mask"].any()
+        np.testing.assert_array_equal(ex["source"], ex["image"])
+        np.testing.assert_array_equal(ex["target"], ex["image"])
+        assert ex["source_id"] == ex["target_id"]
+        return
+    assert ex["label"] == 1 and ex["method"] != b"pristine"
+    assert ex["source_id"] != ex["target_id"]
+    mask = ex["mask"][..., 0] > 0
+    assert 0.1 < mask.mean() < 0.6
+    diff = np.abs(ex["image"].astype(np.int16) - ex["target"]).max(-1)
+    assert diff[mask].mean() > 20  # the source's face is inside the mask
+    # Outside the (slightly dilated) mask the forgery is the target, up to compression noise.
+    dilated = cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    assert diff[~dilated].mean() < 2.0
+    assert (diff[~dilated] > 20).mean() < 0.005
+
+
+def same_image_in(image, candidates) -> bool:
+    return any(np.array_equal(image, c) for c in candidates)
+
+
+# ---------------------------------------------------------------------------------------------
+# FaceForensics++
+
+
+@pytest.fixture(scope="module")
+def ff(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ff")
+    info = fixtures_manual.write_faceforensics(str(root / "manual"))
+    config = faceforensics.make_config(frames_per_video=3, landmark_batch=LANDMARK_BATCH)
+    builder = prepare(faceforensics.FaceForensics, config, root / "tfds", root / "manual")
+    return builder, load(builder), info, config, root
+
+
+def test_faceforensics_builds_every_split_with_consistent_examples(ff):
+    builder, data, info, _, _ = ff
+    # train: Deepfakes 000_001 + 001_000 (3 frames each) + pristine 000, 001; validation:
+    # FaceSwap 002_003 + pristine 002, 003; test: pristine 004 (004_005 has no source video).
+    assert {s: len(v) for s, v in data.items()} == {"test": 3, "train": 12, "validation": 9}
+    assert builder.info.metadata["methods"] == ["Deepfakes", "FaceSwap"]
+    assert builder.info.metadata["missing_methods"] == [
+        "Face2Face",
+        "NeuralTextures",
+        "FaceShifter",
+    ]
+    for examples in data.values():
+        for ex in examples:
+            check_example(ex)
+    methods = {ex["method"] for ex in data["train"] + data["validation"] if ex["label"]}
+    assert methods == {b"Deepfakes", b"FaceSwap"}
+
+
+def test_faceforensics_pairs_fakes_with_their_true_faces_and_masks(ff):
+    _, data, info, _, _ = ff
+    truth = fixtures_manual.face_ellipse(224)
+    for examples in data.values():
+        pristine = {}
+        for ex in examples:
+            if ex["label"] == 0:
+                pristine.setdefault(ex["target_id"], []).append(ex["image"])
+        for ex in (e for e in examples if e["label"]):
+            # Same frame index, same detection: the crops are the pristine frames bit for bit.
+            assert same_image_in(ex["target"], pristine[ex["target_id"]])
+            assert same_image_in(ex["source"], pristine[ex["source_id"]])
+            derived = paired_images.derive_mask(ex["image"], ex["target"])
+            # 000_001 has a mask video, the others derive theirs: both find the pasted ellipse.
+            assert iou(ex["mask"], truth) > 0.85
+            assert iou(ex["mask"], derived) > 0.9
+    fakes = {(e["target_id"], e["source_id"]) for x in data.values() for e in x if e["label"]}
+    assert fakes == {(b"000", b"001"), (b"001", b"000"), (b"002", b"003")}
+
+
+def test_faceforensics_splits_follow_the_official_json(ff):
+    _, data, info, _, _ = ff
+    seen = {}
+    for split, examples in data.items():
+        ids = {i.decode() for ex in examples for i in (ex["source_id"], ex["target_id"])}
+        assert ids <= info["split_ids"][split]
+        seen[split] = ids
+    assert not (seen["train"] & seen["validation"] or seen["train"] & seen["test"])
+    assert not seen["validation"] & seen["test"]
+
+
+def test_faceforensics_skips_are_counted_and_persisted(ff):
+    builder, _, info, config, root = ff
+    assert builder.skip_summary() == info["skips"]
+    # A fresh builder reads them back from metadata.json.
+    again = faceforensics.FaceForensics(data_dir=str(root / "tfds"), config=config)
+    assert again.skip_summary() == info["skips"]
+    with open(os.path.join(builder.data_dir, "metadata.json")) as f:
+        assert json.load(f)["skipped"] == info["skips"]
+
+
+def test_faceforensics_frames_and_videos():
+    assert faceforensics.evenly_spaced(10, 3) == [0, 4, 9]
+    assert faceforensics.evenly_spaced(2, 8) == [0, 1]
+    assert faceforensics.evenly_spaced(0, 8) == []
+
+
+def test_faceforensics_reports_missing_split_files(tmp_path):
+    videos = tmp_path / "original_sequences" / "youtube" / "c23" / "videos"
+    videos.mkdir(parents=True)
+    (videos / "000.mp4").write_bytes(b"x")
+    builder = faceforensics.FaceForensics(data_dir=str(tmp_path / "tfds"))
+    config = tfds.download.DownloadConfig(manual_dir=str(tmp_path))
+    with pytest.raises(splits.DatasetLayoutError, match="splits"):
+        builder.download_and_prepare(download_config=config)
+    (tmp_path / "splits").mkdir()
+    with pytest.raises(splits.DatasetLayoutError, match="train.json"):
+        builder.download_and_prepare(download_config=config)
+
+
+# ---------------------------------------------------------------------------------------------
+# CelebA-MegaFS and FFHQ-E4S
+
+
+@pytest.fixture(scope="module")
+def megafs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megafs")
+    info = fixtures_manual.write_celeba_megafs(str(root / "manual"))
+    config = celeba_megafs.make_config(landmark_batch=LANDMARK_BATCH)
+    builder = prepare(celeba_megafs.CelebaMegafs, config, root / "tfds", root / "manual")
+    return builder, load(builder), info
+
+
+@pytest.fixture(scope="module")
+def e4s(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e4s")
+    info = fixtures_manual.write_ffhq_e4s(str(root / "manual"))
+    info["manual"] = root / "manual"
+    config = ffhq_e4s.make_config(landmark_batch=LANDMARK_BATCH)
+    builder = prepare(ffhq_e4s.FfhqE4s, config, root / "tfds", root / "manual")
+    return builder, load(builder), info
+
+
+def check_paired(data: dict, sizes: dict) -> None:
+    assert {s: len(v) for s, v in data.items()} == sizes
+    truth = fixtures_manual.face_ellipse(224)
+    for examples in data.values():
+        originals = [ex["image"] for ex in examples if ex["label"] == 0]
+        for ex in examples:
+            check_example(ex)
+            if ex["label"]:
+                assert iou(ex["mask"], truth) > 0.85
+                assert same_image_in(ex["target"], originals)  # each target is also pristine
+
+
+def test_celeba_megafs_end_to_end(megafs):
+    builder, data, info = megafs
+    check_paired(data, info["sizes"])
+    assert builder.skip_summary() == info["skips"]
+    assert builder.info.metadata["missing_methods"] == info["missing_methods"]
+    assert builder.info.metadata["identity_source"] == "file"
+    methods = {ex["method"] for x in data.values() for ex in x if ex["label"]}
+    assert methods == {b"FTM", b"IDInjection"}
+
+
+def test_celeba_megafs_splits_are_person_disjoint(megafs):
+    _, data, info = megafs
+    people = {}
+    for split, examples in data.items():
+        people[split] = {p.decode() for ex in examples for p in (ex["source_id"], ex["target_id"])}
+        # ids are the persons of identity_CelebA-HQ.txt, each in its identity split
+        assert all(splits.identity_split(p) == split for p in people[split])
+    assert set(people["train"]).isdisjoint(people["validation"] | people["test"])
+    assert people["validation"].isdisjoint(people["test"])
+    # The two photos of a train person are two pristine examples of one identity.
+    first = sorted(info["person_of"].values())
+    twice = {p for p in first if first.count(p) == 2}
+    counts = {p: 0 for p in twice}
+    for ex in data["train"]:
+        if ex["label"] == 0 and ex["target_id"].decode() in counts:
+            counts[ex["target_id"].decode()] += 1
+    assert sum(counts.values()) == 4
+
+
+def test_ffhq_e4s_end_to_end(e4s):
+    builder, data, info = e4s
+    check_paired(data, info["sizes"])
+    assert builder.skip_summary() == info["skips"]
+    assert builder.info.metadata["identity_source"] == "image id"
+    for split, examples in data.items():
+        ids = {int(i) for ex in examples for i in (ex["source_id"], ex["target_id"])}
+        assert ids <= set(info["ids"][split])  # image ids, each in its identity split
+    pairs = {
+        (int(e["target_id"]), int(e["source_id"])) for x in data.values() for e in x if e["label"]
+    }
+    assert pairs == set(info["pairs"])
+
+
+def test_builds_are_deterministic(e4s, tmp_path):
+    builder, data, info = e4s
+    again = load(prepare(ffhq_e4s.FfhqE4s, builder.builder_config, tmp_path, info["manual"]))
+    assert again.keys() == data.keys()
+    for split in data:
+        assert len(again[split]) == len(data[split])
+        for a, b in zip(again[split], data[split]):  # same order, same bytes
+            for name in ("image", "source", "target", "mask", "face_mask", "landmarks"):
+                np.testing.assert_array_equal(a[name], b[name])
+            assert (a["source_id"], a["target_id"]) == (b["source_id"], b["target_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, configs, masks
+
+
+BUILDERS = [faceforensics.FaceForensics, celeba_megafs.CelebaMegafs, ffhq_e4s.FfhqE4s]
+
+
+@pytest.mark.parametrize("builder_cls", BUILDERS, ids=lambda c: c.name)
+def test_missing_manual_dir_is_one_clear_error(builder_cls, tmp_path):
+    builder = builder_cls(data_dir=str(tmp_path / "tfds"))
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(splits.DatasetLayoutError, match="no_such_folder") as error:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(missing))
+        )
+    assert "expected layout" in str(error.value) and "\n" not in str(error.value)
+    # An existing folder without the dataset's originals folder names that folder.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "unrelated.txt").write_text("x")
+    with pytest.raises(splits.DatasetLayoutError, match="expected layout"):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "empty"))
+        )
+
+
+def test_paired_builders_need_at_least_one_method_folder(tmp_path):
+    fixtures_manual.write_png(
+        str(tmp_path / "e4s_root" / "ffhq" / "00001.png"), np.zeros((8, 8, 3), np.uint8)
+    )
+    builder = ffhq_e4s.FfhqE4s(data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(splits.DatasetLayoutError, match="none of the method folders"):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "e4s_root"))
+        )
+
+
+def test_make_config_names_follow_content():
+    assert celeba_megafs.make_config() is celeba_megafs.DEFAULT_CONFIG
+    small = celeba_megafs.make_config(image_size=112)
+    assert small.name == "image_size-112" and small.image_size == 112
+    assert ffhq_e4s.make_config(image_size=224).name == "default"
+    named = faceforensics.make_config(methods=["Deepfakes"], frames_per_video=2)
+    assert named.methods == ("Deepfakes",) and named.name.startswith("frames_per_video-2+methods-")
+    with pytest.raises(ValueError, match="unknown"):
+        faceforensics.make_config(no_such_field=1)
+
+
+def test_derive_mask_finds_the_pasted_region_and_nothing_else():
+    rng = np.random.default_rng(0)
+    faces = fixtures_manual.lfw_people()
+    people = sorted(faces)[:2]
+    target, source = (cv2.resize(skips.read_rgb8(faces[p][0]), (224, 224)) for p in people)
+    fake = fixtures_manual.swap(target, source)
+    noisy = np.clip(fake + rng.normal(0, 2, fake.shape), 0, 255).astype(np.uint8)
+    mask = paired_images.derive_mask(noisy, target)
+    assert mask.shape == (224, 224, 1) and mask.dtype == np.uint8
+    assert iou(mask, fixtures_manual.face_ellipse(224)) > 0.9
+    assert not paired_images.derive_mask(target, target).any()
