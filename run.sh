@@ -69,8 +69,10 @@ case "${1:-main}" in
     exec "$PY" -m pytest "$@"
     ;;
   main)
-    # Until training lands: run the demo model on real LFW faces and write its outputs.
-    exec "$PY" -m dfrec_jax forward --config configs/demo.py --output runs/demo/forward
+    # Build the demo dataset (lfw_swap from the LFW folder; reused once built), then train the
+    # demo config into runs/demo (re-running resumes; a finished run returns at once).
+    "$PY" -m dfrec_jax build_data --config configs/demo.py
+    exec "$PY" -m dfrec_jax train --config configs/demo.py --workdir runs/demo
     ;;
   *)
     # Anything else goes to the CLI, e.g. ./run.sh bench --what forward --config configs/demo.py

@@ -26,6 +26,8 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
                 low_level_channels=48,
                 stochastic_depth_rate=0.2,
                 dropout_rate=0.5,
+                width_coefficient=1.0,  # EfficientNet scaling (1.0, 1.0 = B0, the paper's)
+                depth_coefficient=1.0,
             ),
             sirm=dict(
                 channels=(32, 64, 128, 256, 1024),
@@ -71,6 +73,7 @@ def loss_config():
             # perceptual_weights = path of a torchvision vgg19 checkpoint).
             perceptual_net="vgg16_lpips",
             perceptual_weights="",
+            perceptual_size=0,  # resize before the perceptual net; 0 = the input size
             # "face-api" (landmarks, expression, age, gender), "face-api-landmarks" or "none".
             attribute_net="face-api",
         )
@@ -103,11 +106,60 @@ def data_config(image_size=224, dataset="lfw_swap"):
     )
 
 
+def optim_config():
+    """optax AdamW (paper: lr 1e-4, weight decay 1e-5); schedule and clipping are options."""
+    return ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-4,
+            weight_decay=1e-5,
+            b1=0.9,
+            b2=0.999,
+            schedule="constant",  # constant | cosine (linear warmup, then cosine to end_factor)
+            warmup_steps=0,
+            end_factor=0.0,  # cosine: final lr = end_factor * learning_rate
+            clip_norm=0.0,  # global-norm gradient clipping; 0 = off
+            accumulate_steps=1,  # gradient accumulation (optax.MultiSteps) over this many steps
+        )
+    )
+
+
+def train_config(steps=100_000):
+    return ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            log_every=50,  # scalars + console progress
+            image_every=1000,  # image grids to TensorBoard
+            eval_every=2000,  # validation loss; the best checkpoint is chosen by it
+            eval_batches=8,
+            checkpoint_every=1000,
+            keep_checkpoints=3,  # the newest N, plus the best by `best_metric`
+            best_metric="val/total",  # lower is better
+            max_nonfinite=10,  # stop after this many non-finite steps in a row
+        )
+    )
+
+
+def mesh_config():
+    """Device mesh ("data", "fsdp"); -1 = all devices left. Params shard over "fsdp"."""
+    return ml_collections.ConfigDict(
+        dict(
+            data=-1,
+            fsdp=1,
+            fsdp_min_size=2**18,  # arrays with fewer elements stay replicated
+            distributed=False,  # call jax.distributed.initialize() (multi-host) first
+        )
+    )
+
+
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, dtype="float32")
+    arg = configlib.parse_arg(arg, dtype="float32", dataset="lfw_swap")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = model_config(dtype=arg.dtype)
-    config.data = data_config()
+    config.data = data_config(dataset=arg.dataset)
     config.loss = loss_config()
+    config.optim = optim_config()
+    config.train = train_config()
+    config.mesh = mesh_config()
+    config.lock()  # a typo'd key in an override is an error, not a new key
     return config

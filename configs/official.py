@@ -30,4 +30,5 @@ def get_config(arg=None):
         decoder_pos_embed="learned",
         fusion="channel",
     )
+    config.lock()  # a typo'd key in an override is an error, not a new key
     return config

@@ -57,12 +57,12 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_pipelines import blending
+from dfrec_jax.batch import batch_sharding, normalize_batch  # noqa: F401  (re-exported)
 
 # Append only: ids are saved in metrics. Compared lower-case; unknown methods map to "other".
 METHODS = (
@@ -462,27 +462,6 @@ def make_dataset(
 
 
 # ----------------------------------------------------------------------------- host -> device
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    """Batch axis split over the mesh's "data" and "fsdp" axes (those that exist)."""
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
-
-
-def normalize_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """uint8 pipeline batch -> the float32 [0, 1] batch losses.total_loss reads (jittable).
-
-    image/source/target/mask / 255; label and has_mask as float32; other keys unchanged.
-    """
-    out = dict(batch)
-    for k in ("image", "source", "target", "mask"):
-        if k in out:
-            out[k] = jnp.asarray(out[k], jnp.float32) / 255.0
-    for k in ("label", "has_mask", "valid"):
-        if k in out:
-            out[k] = jnp.asarray(out[k], jnp.float32)
-    return out
 
 
 class InputPipeline:

@@ -1,4 +1,14 @@
-"""`bench`: timings printed as one JSON object per measurement."""
+"""`bench`: timings printed as one JSON object per measurement.
+
+    python -m dfrec_jax bench --what forward|input_pipeline|train_step --config C [--batch ..]
+
+`train_step` times the real sharded train step (model + frozen loss nets + AdamW) on
+synthetic in-memory uint8 batches, so it needs no dataset and no TensorFlow: the same command
+is the accelerator benchmark, run on a GPU/TPU machine it uses all of its devices (mesh from
+config.mesh; `--batch` = global batch sizes, e.g. `--batch 64,128`; `--config.model.dtype=
+bfloat16` for bf16 compute). It reports the step's FLOPs from XLA's cost analysis and the
+model FLOPs utilisation against the best f32 matmul throughput measured in the same process.
+"""
 
 import json
 import os
@@ -6,6 +16,7 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dfrec_jax import inference
@@ -121,7 +132,229 @@ def bench_input_pipeline(config, batch_sizes=(), repeats: int = 5) -> list[dict]
     return results
 
 
-BENCHES = {"forward": bench_forward, "input_pipeline": bench_input_pipeline}
+def _significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def flops_of(compiled) -> float | None:
+    """FLOPs XLA's cost analysis counts for one run of a compiled program on one device (a
+    sharded program's per-device part); None when the backend reports none."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def default_matmul_sizes() -> tuple[int, ...]:
+    return (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192)
+
+
+def peak_matmul_tflops(mesh, sizes=None, repeats: int = 5, dtype=jnp.float32) -> dict:
+    """Best throughput of jitted matmuls [n, m, m] @ [n, m, m] (float32 unless `dtype`), one
+    per device of `mesh` (split over all its axes, so no communication): the same devices and
+    the same default matmul precision as the train step, measured in this process."""
+    n = mesh.devices.size
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    matmul = jax.jit(
+        lambda a, b: jnp.einsum("nij,njk->nik", a, b),
+        in_shardings=(sharding, sharding),
+        out_shardings=sharding,
+    )
+    best = {"tflops": 0.0, "size": 0}
+    for size in sizes or default_matmul_sizes():
+        keys = jax.random.split(jax.random.key(0))
+        a, b = (
+            jax.jit(
+                lambda k: jax.random.normal(k, (n, size, size), dtype),
+                out_shardings=sharding,
+            )(k)
+            for k in keys
+        )
+        seconds = min(time_call(matmul, a, b, repeats=repeats))
+        tflops = 2 * n * size**3 / seconds / 1e12
+        if tflops > best["tflops"]:
+            best = {"tflops": tflops, "size": size}
+    return best
+
+
+def synthetic_batch(global_batch: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A deterministic uint8 training batch shaped like the input pipeline's (OUTPUT_KEYS):
+    random source/target faces, an elliptical face mask, image = target pasted into source
+    under the mask for forgeries (label 1, has_mask 1) and = source for real faces (label 0)."""
+    rng = np.random.default_rng(seed)
+    shape = (global_batch, image_size, image_size)
+    source = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    target = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:image_size, :image_size] / image_size
+    centre = rng.uniform(0.45, 0.55, (global_batch, 2, 1, 1))
+    radius = rng.uniform(0.25, 0.35, (global_batch, 2, 1, 1))
+    inside = ((yy - centre[:, 0]) / radius[:, 0]) ** 2 + ((xx - centre[:, 1]) / radius[:, 1]) ** 2
+    label = (np.arange(global_batch) % 2).astype(np.float32)  # half forgeries
+    mask = (inside <= 1.0) & (label[:, None, None] > 0)
+    image = np.where(mask[..., None], target, source)
+    return {
+        "image": image,
+        "source": source,
+        "target": target,
+        "mask": (mask[..., None] * 255).astype(np.uint8),
+        "label": label,
+        "has_mask": label.copy(),
+        "method_id": np.zeros(global_batch, np.int32),
+    }
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """Each process puts its own rows, as the input pipeline does (multi-host ready)."""
+    count, index = jax.process_count(), jax.process_index()
+    out = {}
+    for key, value in batch.items():
+        rows = len(value) // count
+        local = value[index * rows : (index + 1) * rows]
+        out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
+    return out
+
+
+def bench_train_step(
+    config,
+    batch_sizes=(),
+    repeats: int = 5,
+    *,
+    loss_nets=None,
+    warmup: int = 2,
+    matmul_sizes=None,
+    devices=None,
+) -> list[dict]:
+    """The real sharded, jitted train step of `config` on synthetic in-memory uint8 batches.
+
+    Same code on CPU, GPU and TPU: the mesh comes from config.mesh over all devices, no
+    TensorFlow is involved. Batch sizes: each `--batch` value (global), else the config's.
+    Per batch: compile time, the median of `repeats` timed steps after `warmup` steps (each
+    synced), img/s, the step's FLOPs from XLA's cost analysis and the model FLOPs utilisation
+    = achieved FLOP/s over the best jitted f32 matmul FLOP/s on the same devices.
+    `loss_nets`: frozen loss networks (None: the real ones from config.loss); `devices`: the
+    mesh's devices (None: all).
+    """
+    from dfrec_jax import loss_nets as loss_nets_lib
+    from dfrec_jax.train import sharding as sharding_lib
+    from dfrec_jax.train import state as state_lib
+    from dfrec_jax.train import step as step_lib
+
+    start = time.perf_counter()
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    devices = mesh.devices.size
+    batch_sizes = list(dict.fromkeys(batch_sizes or [int(config.data.batch_size)]))
+    for batch_size in batch_sizes:
+        if batch_size % devices:
+            raise ValueError(f"bench: batch {batch_size} does not split over {devices} devices")
+    model = inference.build_model(config)
+    nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
+    weights = loss_nets_lib.loss_weights(config.loss)
+    tx = state_lib.make_optimizer(config.optim, config.train.steps)
+    abstract = state_lib.abstract_train_state(config, model, tx)
+    shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
+    state = state_lib.create_train_state(config, model, jax.random.key(config.seed), mesh, tx)
+    jax.block_until_ready(state)
+    setup_s = time.perf_counter() - start
+    counts = inference.param_counts(state.params)
+    train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
+    peak = peak_matmul_tflops(mesh, matmul_sizes)
+    peak_compute = None  # bf16 compute: its own matmul peak as well (MFU vs f32 may pass 1)
+    if str(config.model.dtype) == "bfloat16":
+        peak_compute = peak_matmul_tflops(mesh, matmul_sizes, dtype=jnp.bfloat16)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+
+    results = []
+    for batch_size in batch_sizes:
+        batch = _global_batch(
+            synthetic_batch(batch_size, model.image_size, config.seed), batch_sharding
+        )
+        state, measured = measure_step(train_step, state, batch, repeats=repeats, warmup=warmup)
+        result = {
+            "what": "train_step",
+            "image_size": model.image_size,
+            "batch": batch_size,
+            "dtype": str(config.model.dtype),
+            "params": counts["total"],
+            "mesh": dict(mesh.shape),
+            "setup_s": round(setup_s, 2),
+        }
+        result.update(step_report(measured, batch_size, mesh, peak))
+        if peak_compute is not None and result["achieved_tflops"] is not None:
+            result["peak_matmul_tflops_bf16"] = _significant(peak_compute["tflops"])
+            result["mfu_bf16"] = _significant(result["achieved_tflops"] / peak_compute["tflops"])
+        results.append(result)
+    return results
+
+
+def measure_step(train_step, state, batch, *, repeats: int, warmup: int):
+    """Compiles jit `train_step(state, batch) -> (state, metrics)` (the state may be donated)
+    and times it: returns the new state and compile_s, flops_per_device, times (s), loss."""
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    metrics = None
+    for _ in range(warmup):
+        state, metrics = jax.block_until_ready(compiled(state, batch))
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, batch))
+        times.append(time.perf_counter() - start)
+    measured = {
+        "compile_s": compile_s,
+        "flops_per_device": flops_of(compiled),
+        "times": times,
+        "loss": float(metrics["total"]),
+    }
+    return state, measured
+
+
+def step_report(measured: dict, batch_size: int, mesh, peak: dict) -> dict:
+    """The JSON fields of one measured step: times, img/s, FLOPs, achieved TFLOP/s, MFU."""
+    step_s = float(np.median(measured["times"]))
+    devices = mesh.devices.size
+    flops_device = measured["flops_per_device"]
+    result = {
+        "compile_s": round(measured["compile_s"], 2),
+        "step_ms": round(1e3 * step_s, 2),
+        "step_ms_min": round(1e3 * min(measured["times"]), 2),
+        "img_per_s": round(batch_size / step_s, 2),
+        "repeats": len(measured["times"]),
+        "loss": _significant(measured["loss"], 6),
+        "flops_per_step": None,
+        "flops_per_device": flops_device,
+        "achieved_tflops": None,
+        "peak_matmul_tflops": _significant(peak["tflops"]),
+        "peak_matmul_size": peak["size"],
+        "mfu": None,
+        "device": mesh.devices.flat[0].platform,
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "device_count": devices,
+        "host": platform.processor() or platform.machine(),
+    }
+    if flops_device is None:
+        result["note"] = "XLA reported no FLOPs for this program: no MFU"
+    else:
+        flops = flops_device * devices  # cost analysis counts one device's share
+        achieved = flops / step_s / 1e12
+        result.update(
+            flops_per_step=flops,
+            achieved_tflops=_significant(achieved),
+            mfu=_significant(achieved / peak["tflops"]),
+        )
+    return result
+
+
+BENCHES = {
+    "forward": bench_forward,
+    "input_pipeline": bench_input_pipeline,
+    "train_step": bench_train_step,
+}
 
 
 def run(what: str, config, **kwargs) -> None:

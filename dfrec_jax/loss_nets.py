@@ -4,6 +4,8 @@ Every network is a real pretrained one, read offline (dfrec_jax/pretrained); its
 constants behind stop_gradient, so only the recovered images receive gradients.
 """
 
+import jax
+
 from dfrec_jax import losses
 from dfrec_jax.pretrained import attributes, facenet, vgg
 
@@ -37,13 +39,27 @@ def _perceptual_net(name: str, path: str):
     raise ValueError(f"unknown loss.perceptual_net {name!r} (vgg16_lpips|vgg19_torchvision)")
 
 
+def _resized(net, size: int):
+    """`net` applied to images resized to size x size (antialiased, differentiable)."""
+
+    def fn(images):
+        b, _, _, c = images.shape
+        return net(jax.image.resize(images, (b, size, size, c), "bilinear", antialias=True))
+
+    return fn
+
+
 def build_loss_nets(loss_config) -> losses.LossNets:
+    perceptual = _perceptual_net(loss_config.perceptual_net, loss_config.perceptual_weights)
+    if loss_config.perceptual_size:
+        # VGG is most of a step's FLOPs; the CPU demo runs it at half resolution.
+        perceptual = _resized(perceptual, loss_config.perceptual_size)
     attribute = None
     if loss_config.attribute_net != "none":
         attribute = attributes.load_attribute_net(loss_config.attribute_net)
     return losses.LossNets(
         identity=_identity_net(loss_config.identity_net, loss_config.identity_weights),
-        perceptual=_perceptual_net(loss_config.perceptual_net, loss_config.perceptual_weights),
+        perceptual=perceptual,
         attribute=attribute,
     )
 

@@ -238,6 +238,7 @@ def test_bad_inputs_and_configs_fail_clearly(demo):
     with pytest.raises(ValueError, match="one identity row per visible patch"):
         inference.init_variables(inference.build_model(config), jax.random.key(0))
     config = demo_config.get_config()
-    config.model.tirm.depth = 3
+    with config.unlocked():
+        config.model.tirm.depth = 3  # a key the model does not have
     with pytest.raises(ValueError, match="bad model config"):
         inference.build_model(config)

@@ -30,6 +30,7 @@ padding to match exactly.
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -156,8 +157,27 @@ class MBConv(nn.Module):
         return h
 
 
+def scaled_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's width scaling: channels * width rounded to a multiple of `divisor`
+    (never below divisor, never more than 10% below the exact product)."""
+    if width == 1.0:
+        return channels
+    target = channels * width
+    rounded = max(divisor, int(target + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * target else rounded
+
+
+def scaled_repeats(repeats: int, depth: float) -> int:
+    """EfficientNet's depth scaling: ceil(repeats * depth)."""
+    return int(math.ceil(repeats * depth))
+
+
 class EfficientNetB0(nn.Module):
     """EfficientNet-B0 trunk returning multi-scale features.
+
+    ``width_coefficient`` / ``depth_coefficient`` (1.0 = B0, the paper's backbone) scale the
+    channels and block repeats by EfficientNet's own rules; values below 1 give the tiny
+    trunks the training tests use to compile in seconds.
 
     ``output_stride`` 16 (8) turns the stride of the last (last two) stride-2
     stage(s) into dilation, as DeepLabV3+ encoders do; like
@@ -177,6 +197,8 @@ class EfficientNetB0(nn.Module):
 
     stochastic_depth_rate: float = 0.2
     output_stride: int = 32
+    width_coefficient: float = 1.0
+    depth_coefficient: float = 1.0
     bn_momentum: float = 0.99  # flax convention: running = m * running + (1 - m) * batch
     bn_epsilon: float = 1e-3
     dtype: Any = jnp.float32
@@ -188,8 +210,13 @@ class EfficientNetB0(nn.Module):
             raise ValueError(
                 f"EfficientNetB0 output_stride must be 8, 16 or 32, got {self.output_stride}."
             )
+        width, depth = self.width_coefficient, self.depth_coefficient
+        stages = [
+            (e, k, st, scaled_channels(c, width), scaled_repeats(r, depth))
+            for e, k, st, c, r in B0_STAGES
+        ]
         x = nn.Conv(
-            STEM_CHANNELS,
+            scaled_channels(STEM_CHANNELS, width),
             (3, 3),
             strides=2,
             padding=same_padding(3),
@@ -209,9 +236,9 @@ class EfficientNetB0(nn.Module):
         )(x)
         x = nn.swish(x)
 
-        num_blocks = sum(stage[-1] for stage in B0_STAGES)
+        num_blocks = sum(stage[-1] for stage in stages)
         features, stride, dilation, block_idx = [], 2, 1, 0
-        for s, (expand, kernel, stage_stride, out_ch, repeats) in enumerate(B0_STAGES):
+        for s, (expand, kernel, stage_stride, out_ch, repeats) in enumerate(stages):
             if stage_stride > 1:
                 features.append(x)  # end of the previous reduction level
                 if stride >= self.output_stride:

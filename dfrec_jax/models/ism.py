@@ -118,6 +118,8 @@ class ISM(nn.Module):
     separable: bool = True
     head_kernel_size: int = 1
     stochastic_depth_rate: float = 0.2
+    width_coefficient: float = 1.0  # EfficientNet scaling of the encoder (1.0 = B0)
+    depth_coefficient: float = 1.0
     dropout_rate: float = 0.5  # ASPP projection dropout
     classifier_dropout_rate: float = 0.2
     dtype: Any = jnp.float32
@@ -134,6 +136,8 @@ class ISM(nn.Module):
         feats = EfficientNetB0(
             stochastic_depth_rate=self.stochastic_depth_rate,
             output_stride=OUTPUT_STRIDE,
+            width_coefficient=self.width_coefficient,
+            depth_coefficient=self.depth_coefficient,
             name="encoder",
             **kw,
         )(images, train)

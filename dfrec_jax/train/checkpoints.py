@@ -1,0 +1,326 @@
+"""Training checkpoints: an orbax CheckpointManager with the layout and policies the trainer uses.
+
+Each step directory `<directory>/<step>/` holds three items:
+- `state`: the train state (any pytree of jax.Arrays), written by orbax's StandardCheckpointHandler
+  (tensorstore, one chunk per shard, so restoring onto another mesh reads only what it needs);
+- `data`: the input pipeline's position (small JSON dict), so a resumed run sees the same batches;
+- `meta`: JSON with at least {"step": step}, plus anything the caller adds (config hash, ...).
+Orbax adds `metrics` (JSON) to the checkpoints saved with a validation metric.
+
+Saves are asynchronous: `save` returns once the arrays are copied to host memory, and a background
+thread writes them under a temporary name that is renamed when complete, so a process killed
+mid-save leaves the previous checkpoints intact and the partial one invisible (a Checkpointer
+opening the directory removes it in a background thread, finished before its first save).
+
+Retention: the newest `keep` checkpoints plus the best one by `best_metric`. Checkpoints saved
+without that metric (periodic saves between evaluations) are kept only while among the newest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+log = logging.getLogger(__name__)
+
+
+class _DropMissingMetricsWarning(logging.Filter):
+    # Orbax warns on every save without metrics once best-tracking is on; in this trainer most
+    # saves (periodic, preemption) legitimately have none, so the warning is only noise.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+_absl_logger = logging.getLogger("absl")
+if not any(isinstance(f, _DropMissingMetricsWarning) for f in _absl_logger.filters):
+    _absl_logger.addFilter(_DropMissingMetricsWarning())
+
+
+def _to_json(value: Any) -> Any:
+    """Plain JSON types from dicts/lists of Python, numpy or jax scalars."""
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        return _to_json(np.asarray(value).tolist())
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a JSON checkpoint item: {value!r}")
+
+
+class Checkpointer:
+    """Periodic, retained, resumable checkpoints of a train state and the data iterator state."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_every: int,
+        keep: int,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        read_only: bool = False,
+    ):
+        """`directory` is created unless `read_only` (then it must exist).
+
+        `save_every`: `should_save(step)` is true when `step % save_every == 0`.
+        `keep`: number of newest checkpoints kept; the best one by `best_metric` is kept too.
+        `best_mode`: "min" (losses) or "max" (accuracies).
+        """
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        self.save_every = save_every
+        self.keep = keep
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+
+        policies: list = [ocm.LatestN(keep)]
+        best_fn = None
+        if best_metric is not None:
+            best_fn = self._metric_value
+            # BestN keeps the last n of the checkpoints sorted ascending by best_fn (descending
+            # when reverse): reverse for "min" so the smallest value comes last.
+            policies.append(
+                ocm.BestN(
+                    get_metric_fn=best_fn,
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            # Explicit decision policy: orbax's default one also saves the first step of a fresh
+            # run (InitialSavePolicy), which is not a multiple of save_every.
+            save_decision_policy=ocm.AnySavePolicy(
+                [ocm.FixedIntervalPolicy(save_every), ocm.PreemptionCheckpointingPolicy()]
+            ),
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            # best_fn/best_mode also make orbax write the metrics with each checkpoint (so the
+            # best survives re-opening the directory) and drive best_step().
+            best_fn=best_fn,
+            best_mode=best_mode,
+            enable_async_checkpointing=True,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def _metric_value(self, metrics: Mapping) -> float:
+        # Checkpoints whose metric is missing or not finite rank worst.
+        worst = math.inf if self.best_mode == "min" else -math.inf
+        try:
+            value = float(metrics[self.best_metric])
+        except (KeyError, TypeError, ValueError):
+            return worst
+        return value if math.isfinite(value) else worst
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        """True when `step` is a multiple of `save_every` (or at a multi-host preemption sync
+        point) and newer than the latest checkpoint."""
+        return bool(self._manager.should_save(step))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the best `best_metric`; None without a best metric or when no
+        kept checkpoint has it."""
+        if self.best_metric is None:
+            return None
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(int(s) for s in self._manager.all_steps())
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with `step` (None for checkpoints saved without them)."""
+        return self._manager.metrics(step)
+
+    def meta(self, step: int | None = None) -> dict:
+        """The `meta` item of `step` (latest when None)."""
+        step = self._resolve_step(step)
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    # -- save / restore --------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict,
+        *,
+        metrics: dict | None = None,
+        force: bool = False,
+        meta: dict | None = None,
+    ) -> bool:
+        """Start saving `state` and `data_state` as `step`; returns whether a save started.
+
+        Without `force`, saves only when `should_save(step)`. A step that already has a
+        checkpoint is never overwritten (returns False). `metrics` (e.g. validation losses)
+        rank the checkpoint for best-keeping; a dict without `best_metric` counts as none.
+        The arrays are copied to host before this returns, so `state` may be donated after.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            log.info("checkpoint for step %d already exists in %s: not saved", step, self.directory)
+            return False
+        if not force and not self.should_save(step):
+            return False
+        tracked = None
+        if metrics is not None and self.best_metric is not None and self.best_metric in metrics:
+            tracked = {k: v for k, v in _to_json(dict(metrics)).items() if _is_number(v)}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_to_json(dict(data_state))),
+            meta=ocp.args.JsonSave(_to_json({**(meta or {}), "step": step})),
+        )
+        return bool(self._manager.save(step, args=args, metrics=tracked, force=True))
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Read `step` (latest when None) into the layout of `abstract_state`.
+
+        `abstract_state`: a pytree of jax.ShapeDtypeStruct with `.sharding` set (or of
+        jax.Arrays, whose shardings are used), for the mesh the state is restored onto; it may
+        differ from the mesh the checkpoint was saved from. Returns (state, data_state).
+        """
+        self.wait()  # a save still being written is not readable yet
+        step = self._resolve_step(step)
+        target = _abstract_target(abstract_state)
+        self._check_shapes(step, target)
+        try:
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as e:  # e.g. orbax's tree-structure mismatch report
+            raise ValueError(f"{self._mismatch(step)}: {e}") from e
+        return out["state"], dict(out["data"])
+
+    def _mismatch(self, step: int) -> str:
+        return (
+            f"checkpoint step {step} in {self.directory} does not match the state to restore "
+            "(different model config?)"
+        )
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory} (available: {steps})"
+            )
+        return int(step)
+
+    def _check_shapes(self, step: int, target: Any) -> None:
+        """Name the leaves whose saved shape differs from the target's (orbax's own error does
+        not say which). Structure differences are left to orbax, which reports them."""
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+            saved_tree = saved.tree if hasattr(saved, "tree") else saved
+        except Exception:  # metadata is a courtesy check; restore reports its own errors
+            return
+        if saved_tree is None:
+            return
+        got = {_path_name(p): tuple(x.shape) for p, x in _leaves(saved_tree)}
+        want = {_path_name(p): _stored_shape(x) for p, x in _leaves(target)}
+        problems = [
+            f"{k}: checkpoint shape {got[k]}, target shape {want[k]}"
+            for k in sorted(got.keys() & want.keys())
+            if got[k] != want[k]
+        ]
+        if problems:
+            more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise ValueError(f"{self._mismatch(step)}: " + "; ".join(problems[:10]) + more)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until pending saves are on disk (and old checkpoints removed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _path_name(path: tuple) -> str:
+    # Orbax's metadata tree holds dicts/lists where the state has dataclasses and named tuples:
+    # compare paths by their names only ("opt_state/0/mu/params/kernel").
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def _stored_shape(x: Any) -> tuple:
+    # Typed PRNG keys are stored as their key data (an extra trailing dimension).
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return tuple(x.shape)
+
+
+def _leaves(tree: Any) -> list:
+    return jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    )[0]
+
+
+def _abstract_target(abstract_state: Any) -> Any:
+    def to_abstract(path, x):
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            raise ValueError(
+                f"restore target leaf {jax.tree_util.keystr(path)} has no sharding: pass "
+                "jax.ShapeDtypeStruct(shape, dtype, sharding=...) for the mesh to restore onto"
+            )
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(to_abstract, abstract_state)

@@ -1,0 +1,275 @@
+"""TensorBoard logging: scalars and image grids written as event files under workdir/tensorboard.
+
+The event files are written directly (TFRecord framing from `tf.io.TFRecordWriter`, protos from
+TensorFlow's core), in the same form as TensorBoard's own `tf.summary.scalar` /
+`tf.summary.image` (tensor summaries with the "scalars" / "images" plugin metadata), so
+TensorBoard shows them as usual. Why not `tf.summary` or clu: both need the `tensorboard`
+package, which tensorflow 2.21 no longer installs, and `tf.summary` runs TensorFlow eager ops,
+which would claim GPU memory next to JAX on a machine with a GPU build of TensorFlow. Nothing
+here runs a TensorFlow op; `tf.io.gfile` paths (e.g. gs://) work.
+
+Only process 0 writes (multi-host); other processes get a writer whose methods do nothing.
+Each writer opens a new event file, so a resumed run appends a file; `read_scalars` merges them
+(the newest value wins when a step was logged twice, as happens after resuming from an older
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+from tensorflow.core.framework import summary_pb2
+from tensorflow.core.util import event_pb2
+
+TENSORBOARD_DIR = "tensorboard"
+_SEPARATOR_PX = 2
+_counter = itertools.count()
+
+
+def tensorboard_dir(workdir: str) -> str:
+    return os.path.join(workdir, TENSORBOARD_DIR)
+
+
+def _metadata(plugin: str, data_class: int) -> summary_pb2.SummaryMetadata:
+    # Plugin content left empty = version 0 of the plugin's data proto, as TensorBoard writes it.
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
+        data_class=data_class,
+    )
+
+
+_SCALAR_METADATA = _metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+_IMAGE_METADATA = _metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    image = np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _png(image: np.ndarray) -> bytes:
+    if image.shape[-1] == 1:
+        image = image[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class MetricWriter:
+    """Writes scalars and images for TensorBoard under `workdir/tensorboard`.
+
+    `enabled`: None = only process 0 writes. A disabled writer creates no file and ignores
+    every call, so the training loop can call it unconditionally on all processes.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
+        self.logdir = tensorboard_dir(workdir)
+        self.path = None
+        self._writer = None
+        if not self.enabled:
+            return
+        tf.io.gfile.makedirs(self.logdir)
+        name = (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+            f".{os.getpid()}.{next(_counter)}.v2"
+        )
+        self.path = os.path.join(self.logdir, name)
+        self._writer = tf.io.TFRecordWriter(self.path)
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def _write(self, event: event_pb2.Event) -> None:
+        self._writer.write(event.SerializeToString())
+
+    def _write_summary(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+        event = event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+        )
+        self._write(event)
+        # Flushed at once: a preempted (SIGKILLed) run keeps every value it logged.
+        self.flush()
+
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Writes float scalars (Python/NumPy numbers or size-1 jax.Arrays; nested mappings are
+        flattened with "/"). Device values are fetched with one `jax.device_get` call."""
+        if not self.enabled or not values:
+            return
+        host = jax.device_get(_flatten(values))
+        summary_values = []
+        for tag, value in host.items():
+            array = np.asarray(value)
+            if array.size != 1:
+                raise ValueError(f"scalar {tag!r} has shape {array.shape}; expected one value")
+            tensor = tf.make_tensor_proto(np.float32(array.reshape(())))
+            summary_values.append(
+                summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=_SCALAR_METADATA)
+            )
+        self._write_summary(step, summary_values)
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Writes images: [N,H,W,C] or [H,W,C] with C in (1, 3), uint8 or float in [0, 1]
+        (clipped; NaN shown as 0). All N images of a tag go into one summary, as TensorBoard's
+        image plugin expects."""
+        if not self.enabled or not images:
+            return
+        summary_values = []
+        for tag, value in jax.device_get(dict(images)).items():
+            array = _to_uint8(value)
+            if array.ndim == 3:
+                array = array[None]
+            if array.ndim != 4 or array.shape[-1] not in (1, 3):
+                raise ValueError(
+                    f"image {tag!r} has shape {array.shape}; expected [N,H,W,C] or [H,W,C] "
+                    "with C = 1 or 3"
+                )
+            height, width = array.shape[1:3]
+            blobs = [str(width).encode(), str(height).encode()] + [_png(a) for a in array]
+            tensor = tf.make_tensor_proto(np.array(blobs, dtype=object))
+            summary_values.append(
+                summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=_IMAGE_METADATA)
+            )
+        self._write_summary(step, summary_values)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_float_image(x, rows: int) -> np.ndarray:
+    array = np.asarray(x[:rows])
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(array, 0.0, 1.0)
+
+
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3:  # [B,H,W] mask
+        array = array[..., None]
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def image_grid(
+    batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], max_rows: int = 4
+) -> np.ndarray:
+    """One row per example: input | predicted mask (gray) | true source | recovered source |
+    true target | recovered target [| true mask, if `batch` has "mask"].
+
+    `batch`: image/source/target [B,H,W,3] uint8 or float [0,1] (optional mask [B,H,W,1]);
+    `outputs`: seg [B,H,W,1], source, target [B,H,W,3] float. Host arrays (in multi-host
+    runs, fetch the rows first). Returns float32 [rows*H + 2*(rows-1), C*W + 2*(C-1), 3] in
+    [0, 1] with white 2 px separators, C = 6 or 7 columns.
+    """
+    rows = min(max_rows, len(batch["image"]))
+    sources = [(batch, "image"), (outputs, "seg"), (batch, "source"), (outputs, "source")]
+    sources += [(batch, "target"), (outputs, "target")]
+    if "mask" in batch:
+        sources.append((batch, "mask"))
+    columns = [_as_rgb(_as_float_image(tree[key], rows)) for tree, key in sources]
+    height, width = columns[0].shape[1:3]
+    for (tree, key), column in zip(sources, columns):
+        if column.shape != (rows, height, width, 3):
+            where = "batch" if tree is batch else "outputs"
+            raise ValueError(
+                f"image_grid: {where}[{key!r}] has shape {column.shape[1:]} per example; "
+                f"expected ({height}, {width}, 1 or 3) like the input"
+            )
+    sep = _SEPARATOR_PX
+    grid = np.ones(
+        (rows * height + sep * (rows - 1), len(columns) * width + sep * (len(columns) - 1), 3),
+        np.float32,
+    )
+    for r in range(rows):
+        for c, column in enumerate(columns):
+            y, x = r * (height + sep), c * (width + sep)
+            grid[y : y + height, x : x + width] = column[r]
+    return grid
+
+
+def _events(logdir: str):
+    """Yields the events of every event file in `logdir`, oldest file first; a record cut off
+    by a killed writer ends that file's events instead of raising."""
+    files = []
+    for path in tf.io.gfile.glob(os.path.join(logdir, "*tfevents*")):
+        events, iterator = [], tf.compat.v1.train.summary_iterator(path)
+        while True:
+            try:
+                events.append(next(iterator))
+            except (StopIteration, tf.errors.DataLossError):
+                break
+        if events:  # ordered by the time the file was opened (its first event)
+            files.append((events[0].wall_time, path, events))
+    for _, _, events in sorted(files, key=lambda f: f[:2]):
+        yield from events
+
+
+def _sorted_by_step(series: dict[str, dict[int, Any]]) -> dict[str, list[tuple[int, Any]]]:
+    return {tag: sorted(by_step.items()) for tag, by_step in sorted(series.items())}
+
+
+def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+    """Reads the scalars back from workdir/tensorboard: {tag: [(step, value), ...]} sorted by
+    step; when a step was logged more than once (resumed runs) the newest value wins."""
+    series: dict[str, dict[int, float]] = {}
+    for event in _events(tensorboard_dir(workdir)):
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                number = value.simple_value
+            elif value.HasField("tensor") and value.tensor.dtype != tf.string.as_datatype_enum:
+                array = tf.make_ndarray(value.tensor)
+                if array.size != 1:
+                    continue
+                number = array.item()
+            else:
+                continue
+            series.setdefault(value.tag, {})[event.step] = float(number)
+    return _sorted_by_step(series)
+
+
+def read_images(workdir: str) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Reads the image summaries back: {tag: [(step, uint8 [N,H,W,C]), ...]} sorted by step."""
+    series: dict[str, dict[int, np.ndarray]] = {}
+    for event in _events(tensorboard_dir(workdir)):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name != "images":
+                continue
+            blobs = tf.make_ndarray(value.tensor)
+            images = [np.asarray(Image.open(io.BytesIO(b))) for b in blobs[2:]]
+            images = [i[..., None] if i.ndim == 2 else i for i in images]
+            series.setdefault(value.tag, {})[event.step] = np.stack(images)
+    return _sorted_by_step(series)

@@ -1,0 +1,280 @@
+"""The training loop: `python -m dfrec_jax train --config C --workdir W` (resumable).
+
+One call of `train` runs (or continues) a run in `workdir`:
+- workdir/config.json, versions.json: the resolved config and library versions;
+- workdir/checkpoints/<step>/: orbax checkpoints (train state + input-pipeline position),
+  every `train.checkpoint_every` steps, at each evaluation (with the validation metrics, so
+  the best one is kept), on SIGTERM/SIGINT and at the end;
+- workdir/tensorboard/: scalars every `train.log_every` steps (each loss term, lr, grad norm,
+  img/s, step time) and image grids every `train.image_every` steps (also written to
+  workdir/panels/step_N.png: input | recovered mask | true/recovered source | true/recovered
+  target | true mask).
+Re-running the same command continues from the newest checkpoint and reproduces the batches
+and the parameters of an uninterrupted run exactly (same config, same device count).
+
+The loop keeps one step in flight: step k+1 is dispatched before the host reads anything of
+step k, and the only per-step read is step k's non-finite streak (a scalar that is ready by
+then), so the host never stalls the device.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfrec_jax import images, inference, losses
+from dfrec_jax import loss_nets as loss_nets_lib
+from dfrec_jax.batch import normalize_batch
+from dfrec_jax.train import (
+    checkpoints,
+    metric_writer,
+    preemption,
+    sharding,
+)
+from dfrec_jax.train import (
+    progress as progress_lib,
+)
+from dfrec_jax.train import (
+    state as state_lib,
+)
+from dfrec_jax.train import (
+    step as step_lib,
+)
+from dfrec_jax.train import (
+    workdir as workdir_lib,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the newest checkpoint holds the last good state."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # steps done when the run ended
+    stopped: str  # "finished" | "preempted (SIGTERM)" | ...
+    metrics: dict[str, float]  # the last logged training metrics
+    checkpoint_step: int | None
+    state: Any  # the final TrainState (on the devices)
+
+
+def _data_pipelines(config, mesh):
+    """Training and validation input pipelines (TensorFlow is imported only here)."""
+    from data_pipelines import datasets, input_pipeline
+
+    data = config.data
+    builder = datasets.prepare(data)
+    processes, index = jax.process_count(), jax.process_index()
+    local_batch = data.batch_size // processes
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_examples = input_pipeline.load_examples(builder, "train")
+
+    def train_fn(start_batch):
+        return input_pipeline.make_dataset(
+            train_examples,
+            batch_size=local_batch,
+            seed=data.seed,
+            training=True,
+            mix=dict(data.mix),
+            flip=data.flip,
+            process_index=index,
+            process_count=processes,
+            start_batch=start_batch,
+            shuffle_buffer=data.shuffle_buffer,
+        )
+
+    train = input_pipeline.InputPipeline(train_fn, batch_sharding, data.batch_size)
+    validation = []
+    if "validation" in builder.info.splits:
+        full_batches = builder.info.splits["validation"].num_examples // data.batch_size
+        count = min(config.train.eval_batches, full_batches)
+        examples = input_pipeline.load_examples(builder, "validation")
+        evaluation = input_pipeline.InputPipeline(
+            lambda start: input_pipeline.make_dataset(
+                examples,
+                batch_size=local_batch,
+                seed=data.seed,
+                training=False,
+                process_index=index,
+                process_count=processes,
+                start_batch=start,
+            ),
+            batch_sharding,
+            data.batch_size,
+        )
+        # Only full batches: the validation loss then needs no padding mask.
+        validation = [next(evaluation) for _ in range(count)]
+    if not validation:
+        log.warning("no full validation batch: no validation loss, no best checkpoint")
+    return train, validation
+
+
+def _make_eval_step(model, nets, weights):
+    @jax.jit
+    def eval_step(params, batch_stats, batch, rng):
+        batch = normalize_batch(batch)
+        variables = {"params": params, "batch_stats": batch_stats}
+        outputs = model.apply(variables, batch["image"], train=False, rngs={"masking": rng})
+        outputs = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x,
+                               outputs)  # fmt: skip
+        total, metrics = losses.total_loss(outputs, batch, nets, weights)
+        return dict(metrics, total=total)
+
+    return eval_step
+
+
+def _make_predict(model):
+    @jax.jit
+    def predict(params, batch_stats, images, rng):
+        variables = {"params": params, "batch_stats": batch_stats}
+        images = jnp.asarray(images, jnp.float32) / 255.0
+        out = model.apply(variables, images, train=False, rngs={"masking": rng})
+        return {k: out[k].astype(jnp.float32) for k in ("seg", "source", "target")}
+
+    return predict
+
+
+def _validate(eval_step, state, batches, seed) -> dict[str, float]:
+    rng = jax.random.PRNGKey(seed)
+    sums: dict[str, Any] = {}
+    for i, batch in enumerate(batches):
+        metrics = eval_step(state.params, state.batch_stats, batch, jax.random.fold_in(rng, i))
+        sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
+    return {f"val/{k}": float(v) / len(batches) for k, v in jax.device_get(sums).items()}
+
+
+def _image_grid(predict, state, batch, seed, rows=4) -> np.ndarray:
+    # This process's first shard only: works on every host without gathering the batch.
+    keys = ("image", "source", "target", "mask")
+    small = {k: np.asarray(batch[k].addressable_shards[0].data)[:rows] for k in keys}
+    outputs = predict(state.params, state.batch_stats, small["image"], jax.random.PRNGKey(seed))
+    return metric_writer.image_grid(small, jax.device_get(outputs), max_rows=rows)
+
+
+def train(
+    config,
+    workdir: str,
+    *,
+    loss_nets: losses.LossNets | None = None,
+    batch_hook: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Runs or resumes training in `workdir` until `config.train.steps`.
+
+    `loss_nets`: the frozen loss networks; None builds the real ones from `config.loss`
+    (tests pass tiny ones). `batch_hook(step, batch)`: called with each step's global batch
+    (reading it syncs the host; for audits and tests). Raises NonFiniteError after
+    `train.max_nonfinite` non-finite steps in a row (the updates were skipped, the newest
+    checkpoint is intact).
+    """
+    if config.mesh.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # multi-host: coordinator etc. from the environment
+    workdir = os.path.abspath(workdir)
+    cfg_train = config.train
+    total_steps = cfg_train.steps
+    workdir_lib.save_run_metadata(workdir, config)
+    os.makedirs(os.path.join(workdir, "panels"), exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    pipeline, validation = _data_pipelines(config, mesh)
+
+    model = inference.build_model(config)
+    nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
+    weights = loss_nets_lib.loss_weights(config.loss)
+    tx = state_lib.make_optimizer(config.optim, total_steps)
+    abstract = state_lib.abstract_train_state(config, model, tx)
+    shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt = checkpoints.Checkpointer(
+        ckpt_dir,
+        save_every=cfg_train.checkpoint_every,
+        keep=cfg_train.keep_checkpoints,
+        best_metric=cfg_train.best_metric if validation else None,
+    )
+    if ckpt.latest_step() is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        state, data_state = ckpt.restore(target)
+        pipeline.restore(data_state)
+        log.info("resumed from %s at step %d", ckpt_dir, int(state.step))
+    else:
+        state = state_lib.create_train_state(
+            config, model, jax.random.PRNGKey(config.seed), mesh, tx
+        )
+    start = int(state.step)
+    train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
+    eval_step = _make_eval_step(model, nets, weights)
+    predict = _make_predict(model)
+    writer = metric_writer.MetricWriter(workdir)
+    progress = progress_lib.Progress(total_steps, start, every=cfg_train.log_every)
+    batch_size = config.data.batch_size
+
+    step, stopped, logged, saved_step = start, "finished", {}, ckpt.latest_step()
+    previous, streak_at = None, 0
+    window_start, window_steps = time.perf_counter(), 0
+    with preemption.PreemptionGuard() as guard:
+        while step < total_steps:
+            batch = next(pipeline)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if batch_hook is not None:
+                batch_hook(step, batch)
+            window_steps += 1
+            if previous is not None:  # the previous step is done by now: no stall
+                streak_at = int(previous["nonfinite_streak"])
+                if streak_at >= cfg_train.max_nonfinite:
+                    stopped = "non-finite"
+                    break
+            previous = metrics
+
+            if step % cfg_train.log_every == 0 or step == total_steps:
+                logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                logged["step_time_s"] = elapsed / window_steps
+                logged["images_per_s"] = batch_size * window_steps / elapsed
+                writer.scalars(step, logged)
+                shown = {
+                    k: v for k, v in logged.items() if k not in ("step_time_s", "images_per_s")
+                }
+                progress.update(step, shown, images_per_step=batch_size)
+                window_start, window_steps = time.perf_counter(), 0
+            if cfg_train.image_every and step % cfg_train.image_every == 0:
+                grid = _image_grid(predict, state, batch, config.seed)
+                writer.images(step, {"panels": grid})
+                if jax.process_index() == 0:  # also as PNG, for readers without TensorBoard
+                    images.save_rgb(os.path.join(workdir, "panels", f"step_{step:07d}.png"), grid)
+            val_metrics = None
+            if validation and cfg_train.eval_every and step % cfg_train.eval_every == 0:
+                val_metrics = _validate(eval_step, state, validation, config.seed)
+                writer.scalars(step, val_metrics)
+            if val_metrics is not None or ckpt.should_save(step):
+                ckpt.save(step, state, pipeline.state(), metrics=val_metrics, force=True)
+                saved_step = step
+            if guard.should_stop(step):
+                stopped = f"preempted ({guard.signal_name})"
+                break
+        if stopped == "finished" and previous is not None:
+            streak_at = int(previous["nonfinite_streak"])
+            if streak_at >= cfg_train.max_nonfinite:
+                stopped = "non-finite"
+        if stopped != "non-finite" and saved_step != step:
+            ckpt.save(step, state, pipeline.state(), force=True)
+            saved_step = step
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if stopped == "non-finite":
+        raise NonFiniteError(
+            f"{streak_at} non-finite training steps in a row (up to step {step}); updates were "
+            f"skipped and training stopped. The newest checkpoint "
+            f"(step {ckpt.latest_step()} in {ckpt_dir}) holds the last good state: lower "
+            "the learning rate or enable optim.clip_norm and re-run to resume."
+        )
+    log.info("training %s at step %d", stopped, step)
+    return TrainResult(step, stopped, logged, saved_step, state)

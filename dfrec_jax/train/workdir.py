@@ -1,0 +1,155 @@
+"""Run metadata in the workdir: the resolved config, its hash and the library versions.
+
+    workdir/config.json        the config the workdir was created with (sorted keys)
+    workdir/config_hash.txt    its hash (`config_hash`)
+    workdir/versions.json      library versions and devices of the newest start
+    workdir/config.<UTC time>.json
+                               written when a run is resumed with a config whose hash differs
+                               from the newest saved one (e.g. a changed log interval): the
+                               change is kept on record and logged as a warning, not refused.
+
+Only process 0 writes; every process gets the hash back. Files are written to a temporary name
+and renamed, so a run killed mid-write never leaves a half-written config. File access goes
+through `tf.io.gfile` (remote workdirs such as gs:// work), imported only when writing, so
+`config_hash` and `library_versions` (also used by recover/export) do not load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+from typing import Any
+
+import jax
+
+log = logging.getLogger(__name__)
+
+# Key in versions.json -> distributions that provide it (the first one installed is reported).
+_DISTRIBUTIONS = {
+    "jax": ("jax",),
+    "jaxlib": ("jaxlib",),
+    "flax": ("flax",),
+    "optax": ("optax",),
+    "orbax-checkpoint": ("orbax-checkpoint",),
+    "chex": ("chex",),
+    "ml-collections": ("ml-collections", "ml_collections"),
+    "numpy": ("numpy",),
+    "tensorflow": ("tensorflow-cpu", "tensorflow", "tf-nightly", "tensorflow-macos"),
+    "tensorflow-datasets": ("tensorflow-datasets", "tfds-nightly"),
+    "dm-pix": ("dm-pix", "dm_pix"),
+    "opencv": (
+        "opencv-python-headless",
+        "opencv-python",
+        "opencv-contrib-python-headless",
+        "opencv-contrib-python",
+    ),
+}
+
+
+def _distribution_version(names: tuple[str, ...]) -> str:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python, the libraries the results depend on, the platform and the devices."""
+    versions = {"python": platform.python_version()}
+    versions.update({key: _distribution_version(names) for key, names in _DISTRIBUTIONS.items()})
+    versions["platform"] = platform.platform()
+    devices = jax.devices()
+    versions["devices"] = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+    versions["processes"] = str(jax.process_count())
+    return versions
+
+
+def config_to_dict(config) -> Any:
+    """A ConfigDict / FrozenConfigDict / mapping as plain JSON-able Python (tuples -> lists)."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, sort_keys=True, default=_json_default))
+
+
+def _json_default(value):
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # NumPy / JAX scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return repr(value)
+
+
+def canonical_json(config) -> str:
+    return json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(config) -> str:
+    """First 16 hex digits of the sha256 of the config's canonical JSON (sorted keys, no
+    spaces): equal for equal configs whatever the key order, different if any value differs."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: str, text: str) -> None:
+    import tensorflow as tf
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _pretty(data) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _newest_saved_hash(workdir: str) -> str | None:
+    """Hash of the newest config on record: the newest config.<time>.json, else config.json."""
+    import tensorflow as tf
+
+    changed = sorted(tf.io.gfile.glob(os.path.join(workdir, "config.*.json")))
+    for path in changed[::-1] + [os.path.join(workdir, "config.json")]:
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path) as f:
+                return config_hash(json.load(f))
+    return None
+
+
+def save_run_metadata(workdir: str, config) -> str:
+    """Writes config.json, config_hash.txt and versions.json to `workdir` (process 0 only) and
+    returns the config's hash. A resume with a different config writes config.<time>.json and
+    logs a warning instead (config.json keeps the original)."""
+    digest = config_hash(config)
+    if jax.process_index() != 0:
+        return digest
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(workdir)
+    data = config_to_dict(config)
+    previous = _newest_saved_hash(workdir)
+    if previous is None:
+        _write_atomic(os.path.join(workdir, "config.json"), _pretty(data))
+        _write_atomic(os.path.join(workdir, "config_hash.txt"), digest + "\n")
+    elif previous != digest:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        path = os.path.join(workdir, f"config.{stamp}.json")
+        _write_atomic(path, _pretty(data))
+        log.warning(
+            "resuming %s with a different config (hash %s, was %s); saved it as %s",
+            workdir,
+            digest,
+            previous,
+            os.path.basename(path),
+        )
+    _write_atomic(os.path.join(workdir, "versions.json"), _pretty(library_versions()))
+    return digest

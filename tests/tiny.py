@@ -1,0 +1,113 @@
+"""A tiny DFREC and tiny frozen loss networks for tests that train (seconds, not minutes).
+
+Same code paths as the real configs: only the widths, depths and image size shrink. The loss
+networks have the real ones' interfaces (4 identity maps + an L2-normalised embedding, 5
+perceptual maps, an attribute vector) with fixed random weights.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from configs import default, demo
+from dfrec_jax import losses
+
+IMAGE_SIZE = 32
+
+
+def tiny_config(image_size: int = IMAGE_SIZE):
+    """configs/demo.py with a tiny model at `image_size` (patch 8) and a batch of 8."""
+    config = demo.get_config()
+    config.model = default.model_config(image_size=image_size, patch_size=8)
+    model = config.model
+    model.ism.update(
+        decoder_channels=16,
+        low_level_channels=8,
+        atrous_rates=(1, 2, 3),
+        width_coefficient=0.25,
+        depth_coefficient=0.25,
+    )
+    model.sirm.update(channels=(4, 8, 8, 16, 32), source_channels=16)
+    model.tirm.update(
+        encoder_width=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        encoder_mlp_dim=64,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        decoder_mlp_dim=64,
+    )
+    config.data.image_size = image_size
+    return config
+
+
+class TinyIdentity(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        feats = []
+        x = x - 0.5
+        for i, ch in enumerate((4, 4, 8, 8)):
+            x = nn.relu(nn.Conv(ch, (3, 3), strides=2, name=f"conv{i}")(x))
+            feats.append(x)
+        emb = nn.Dense(8, name="embed")(jnp.mean(x, axis=(1, 2)))
+        return tuple(feats), emb / jnp.sqrt(jnp.sum(emb**2, axis=-1, keepdims=True) + 1e-12)
+
+
+class TinyPerceptual(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        feats = []
+        for i, ch in enumerate((4, 4, 8, 8, 8)):
+            x = nn.relu(nn.Conv(ch, (3, 3), strides=1 if i == 0 else 2, name=f"conv{i}")(x))
+            feats.append(x)
+        return tuple(feats)
+
+
+class TinyAttribute(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def tiny_loss_nets(seed: int = 0, nan: bool = False) -> losses.LossNets:
+    """Frozen random loss nets; `nan=True` makes the identity net emit NaN (guard tests)."""
+    probe = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    modules = (TinyIdentity(), TinyPerceptual(), TinyAttribute())
+    variables = [m.init(k, probe) for m, k in zip(modules, keys)]
+    identity = losses.frozen(modules[0].apply, variables[0])
+    if nan:
+
+        def identity(images, _fn=identity):  # noqa: E306
+            feats, emb = _fn(images)
+            return feats, emb * jnp.nan
+
+    return losses.LossNets(
+        identity=identity,
+        perceptual=losses.frozen(modules[1].apply, variables[1]),
+        attribute=losses.frozen(modules[2].apply, variables[2]),
+    )
+
+
+def write_lfw_tree(destination, people_per_split=(10, 4, 2), images_per_person=2) -> str:
+    """Copies real LFW people (several images each) into an LFW-layout tree at `destination`:
+    `people_per_split` people for train / validation / test (by `splits.identity_split`)."""
+    import os
+    import shutil
+
+    from data_pipelines import splits
+    from dfrec_jax import configlib
+
+    wanted = dict(zip(splits.SPLITS, people_per_split))
+    for person, paths in splits.scan_lfw(configlib.lfw_dir()).items():
+        split = splits.identity_split(person)
+        if len(paths) >= images_per_person and wanted[split] > 0:
+            wanted[split] -= 1
+            os.makedirs(os.path.join(destination, person))
+            for path in paths[:images_per_person]:
+                shutil.copy(path, os.path.join(destination, person))
+        if not any(wanted.values()):
+            return str(destination)
+    raise AssertionError(f"not enough LFW people with {images_per_person} images: {wanted}")
