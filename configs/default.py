@@ -2,7 +2,9 @@
 
 Where the paper is silent (UNet widths, decoder depth) we take the released code's widths
 and the standard MAE decoder (8 blocks, width 512, 16 heads); see README "Design choices".
-Arg: `dtype=bfloat16` for bf16 compute with fp32 params.
+Args: `dtype=bfloat16` for bf16 compute with fp32 params; `dataset=` lfw_swap (default),
+faceforensics, celeba_megafs or ffhq_e4s; `method=` one manipulation method of that dataset
+(e.g. `dataset=celeba_megafs,method=FTM`, as in the paper's per-method tables; default all).
 """
 
 import ml_collections
@@ -152,11 +154,12 @@ def mesh_config():
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, dtype="float32", dataset="lfw_swap")
+    arg = configlib.parse_arg(arg, dtype="float32", dataset="lfw_swap", method="")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = model_config(dtype=arg.dtype)
     config.data = data_config(dataset=arg.dataset)
+    config.data.methods = (arg.method,) if arg.method else ()
     config.loss = loss_config()
     config.optim = optim_config()
     config.train = train_config()

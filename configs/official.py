@@ -12,8 +12,9 @@ from dfrec_jax import configlib
 
 
 def get_config(arg=None):
-    arg = configlib.parse_arg(arg, dtype="float32")
-    config = default.get_config(f"dtype={arg.dtype}")
+    """Args as in default.py: `dtype=`, `dataset=`, `method=`."""
+    arg = configlib.parse_arg(arg, dtype="float32", dataset="lfw_swap", method="")
+    config = default.get_config(f"dtype={arg.dtype},dataset={arg.dataset},method={arg.method}")
     model = config.model
     model.masking_variant = "official"
     model.sirm.gate = "official"

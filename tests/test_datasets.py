@@ -103,3 +103,16 @@ def test_build_data_command_prints_split_sizes_and_skips(tmp_path):
     assert report["splits"] == {"train": 12, "test": 8}
     assert report["skipped"]["train"] == {"not an image": 1}
     assert report["dataset"].startswith("lfw_swap/res112")
+
+
+def test_dataset_and_method_config_args_select_the_data():
+    from configs import default, official
+
+    for module in (default, official):
+        config = module.get_config("dataset=celeba_megafs,method=FTM")
+        assert config.data.dataset == "celeba_megafs" and tuple(config.data.methods) == ("FTM",)
+        builder_config = datasets.get_builder(config.data).builder_config
+        assert [m for m, _ in builder_config.method_dirs] == ["FTM"]
+    assert tuple(default.get_config().data.methods) == ()
+    with pytest.raises(ValueError, match="unknown methods"):
+        datasets.get_builder(default.get_config("dataset=ffhq_e4s,method=FTM").data)
