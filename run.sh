@@ -69,10 +69,16 @@ case "${1:-main}" in
     exec "$PY" -m pytest "$@"
     ;;
   main)
-    # Build the demo dataset (lfw_swap from the LFW folder; reused once built), then train the
-    # demo config into runs/demo (re-running resumes; a finished run returns at once).
+    # Build the demo dataset (lfw_swap from the LFW folder; reused once built), train the demo
+    # config into runs/demo (re-running resumes; a finished run returns at once), evaluate it on
+    # the test split (runs/demo/eval/test/metrics.json + table.md), then recover a few test
+    # forgeries and pristine faces with evidence records (runs/demo/recover).
     "$PY" -m dfrec_jax build_data --config configs/demo.py
-    exec "$PY" -m dfrec_jax train --config configs/demo.py --workdir runs/demo
+    "$PY" -m dfrec_jax train --config configs/demo.py --workdir runs/demo
+    "$PY" -m dfrec_jax eval --config configs/demo.py --workdir runs/demo
+    "$PY" -m dfrec_jax samples --config configs/demo.py --output runs/demo/samples
+    exec "$PY" -m dfrec_jax recover --workdir runs/demo --input runs/demo/samples/inputs \
+      --output runs/demo/recover
     ;;
   *)
     # Anything else goes to the CLI, e.g. ./run.sh bench --what forward --config configs/demo.py

@@ -141,6 +141,32 @@ def train_config(steps=100_000):
     )
 
 
+def eval_config():
+    """`eval`, `recover`, `trace` and the recovery bench (dfrec_jax/eval, recover.py, trace.py)."""
+    return ml_collections.ConfigDict(
+        dict(
+            batch_size=16,  # images per evaluation / recovery batch (padded: one compile)
+            max_examples=0,  # evaluate the first N examples of the split; 0 = all
+            # IDSim(input, recovered target) above this => "pristine" (the paper's 0.9).
+            recovery_threshold=0.9,
+            # Identity nets: FaceNet (the paper's IDSim) and the independent dlib ResNet.
+            identity_net="facenet_keras",
+            identity_weights="",
+            dlib_weights="",
+            # Classical baseline: OpenCV inpainting (cv2.INPAINT_TELEA / cv2.INPAINT_NS) of the
+            # forgery over the face region: the hull of the input's 68 landmarks ("landmarks")
+            # or a fixed ellipse of the aligned-face template ("fixed").
+            inpaint_methods=("telea", "ns"),
+            inpaint_radius=5,
+            inpaint_mask="landmarks",
+            # `--perturb NAME` without a level evaluates each of these (the paper's ranges).
+            perturb_levels=ml_collections.ConfigDict(
+                dict(gaussian_blur=(3, 5, 7), jpeg=(50, 75, 99), gaussian_noise=(10.0, 30.0, 50.0))
+            ),
+        )
+    )
+
+
 def mesh_config():
     """Device mesh ("data", "fsdp"); -1 = all devices left. Params shard over "fsdp"."""
     return ml_collections.ConfigDict(
@@ -164,5 +190,6 @@ def get_config(arg=None):
     config.optim = optim_config()
     config.train = train_config()
     config.mesh = mesh_config()
+    config.eval = eval_config()
     config.lock()  # a typo'd key in an override is an error, not a new key
     return config

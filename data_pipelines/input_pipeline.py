@@ -461,6 +461,31 @@ def make_dataset(
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def training_dataset(
+    examples: tf.data.Dataset,
+    data_config,
+    *,
+    batch_size: int,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """The training pipeline `config.data` describes (seed, mix, flip, shuffle buffer): the one
+    the trainer iterates and the input-pipeline bench times. batch_size: per process."""
+    return make_dataset(
+        examples,
+        batch_size=batch_size,
+        seed=data_config.seed,
+        training=True,
+        mix={k: float(v) for k, v in dict(data_config.mix).items()},
+        flip=data_config.flip,
+        process_index=process_index,
+        process_count=process_count,
+        start_batch=start_batch,
+        shuffle_buffer=data_config.shuffle_buffer,
+    )
+
+
 # ----------------------------------------------------------------------------- host -> device
 
 

@@ -1,9 +1,15 @@
 """Command line: `python -m dfrec_jax COMMAND --config configs/X.py[:arg] [--config.a.b=v]`.
 
-Commands: train (resumable training into --workdir), forward (run the model on real faces
-and write panels), bench (timings as JSON),
-build_data (prepare the configured dataset; prints split sizes and skip counts), sweep (one
-`train` run per point of a sweep file, see dfrec_jax/sweep.py).
+Commands: train (resumable training into --workdir), eval (metrics tables of a trained run on
+a dataset split), recover (forensic recovery of images with JSON evidence records), trace
+(rank a gallery of known people for recovered faces), export (serialized StableHLO + params),
+forward (run a randomly initialised model on real faces and write panels), bench (timings as
+JSON lines), build_data (prepare the configured dataset; prints split sizes and skip counts),
+samples (write a few forgeries and pristine faces of a split, with their truth, as inputs
+for recover), sweep (one `train` run per point of a sweep file, see dfrec_jax/sweep.py).
+
+recover, trace and export read the config of the run they use (its config.json): they need
+no --config.
 
 A `--config.a.b=v` naming a key the config does not have stops with one line naming the key.
 """
@@ -17,17 +23,44 @@ from ml_collections import config_flags
 
 from dfrec_jax import bench, forward, sweep
 
-COMMANDS = ("train", "forward", "bench", "build_data", "sweep")
+COMMANDS = (
+    "train", "eval", "recover", "trace", "export", "forward", "bench", "build_data", "samples",
+    "sweep",
+)  # fmt: skip
+NO_CONFIG = ("recover", "trace", "export")  # these read the run's own config.json
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py")
-_OUTPUT = flags.DEFINE_string("output", "runs/demo/forward", "forward: output folder")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "forward: how many LFW faces")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "recover/export: output folder; trace: JSON file; forward: output folder "
+    "(default runs/demo/forward)"
+)  # fmt: skip
+_INPUT = flags.DEFINE_multi_string(
+    "input", [], "recover: image file or folder (repeatable); trace: a recover output folder"
+)
+_ALIGN = flags.DEFINE_bool("align", False, "recover: detect, align, recover and paste back")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "recover/export/eval: a checkpoints folder instead of --workdir"
+)
+_STEP = flags.DEFINE_integer("step", None, "recover/export/eval: checkpoint step (default newest)")
+_SPLIT = flags.DEFINE_string("split", "test", "eval/samples: dataset split")
+_PERTURB = flags.DEFINE_string(
+    "perturb", "", "eval: gaussian_blur|jpeg|gaussian_noise[:level] (no level: each of "
+    "config.eval.perturb_levels)"
+)  # fmt: skip
+_GALLERY = flags.DEFINE_string("gallery", None, "trace: folder with one sub-folder per person")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "trace: candidates listed per recovered face")
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda"], "export: lowering platforms")
+_NUM_IMAGES = flags.DEFINE_integer(
+    "num_images", 8, "forward: how many LFW faces; samples: how many inputs (1/4 pristine)"
+)
 _WHAT = flags.DEFINE_string("what", "forward", f"bench: one of {sorted(bench.BENCHES)}")
 _BATCH = flags.DEFINE_list(
     "batch", ["1", "8"], "bench: batch sizes (train_step: the config's batch unless given)"
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "bench: timed repetitions per batch size")
-_WORKDIR = flags.DEFINE_string("workdir", None, "train/sweep: run folder (sweep: one per point)")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "train/eval/recover/export/bench: run folder (sweep: one per point)"
+)
 _SWEEP = flags.DEFINE_string("sweep", None, "sweep: sweep file, e.g. configs/sweeps/x.py[:arg]")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "sweep: check the points, print the commands only")
 
@@ -36,6 +69,17 @@ def build_data(config) -> None:
     from data_pipelines import datasets  # TensorFlow is only imported by commands that read data
 
     print(json.dumps(datasets.describe(datasets.prepare(config.data))))  # last line: the report
+
+
+def samples(config, split: str, output_dir: str, count: int) -> None:
+    from data_pipelines import datasets
+    from data_pipelines import samples as samples_lib
+
+    pristine = count // 4
+    records = samples_lib.write_samples(
+        datasets.prepare(config.data), split, output_dir, count - pristine, pristine
+    )
+    print(f"wrote {len(records)} inputs to {output_dir}/inputs (truth in {output_dir}/truth)")
 
 
 def train(config, workdir: str) -> int:
@@ -81,20 +125,78 @@ def parse_flags(argv):
         sys.exit(2)
 
 
+def _no_config_command(command: str) -> int:
+    """recover / trace / export: they read the run's own config."""
+    if command == "trace":
+        from dfrec_jax import trace
+
+        if not _GALLERY.value or len(_INPUT.value) != 1:
+            raise app.UsageError("trace needs --gallery DIR and one --input RECOVERY_DIR")
+        return trace.run(_GALLERY.value, _INPUT.value[0], output=_OUTPUT.value,
+                         top_k=_TOP_K.value)  # fmt: skip
+    if not (_WORKDIR.value or _CHECKPOINT.value) or not _OUTPUT.value:
+        raise app.UsageError(
+            f"{command} needs --workdir DIR (or --checkpoint DIR) and --output DIR"
+        )
+    if command == "recover":
+        from dfrec_jax import recover
+
+        if not _INPUT.value:
+            raise app.UsageError("recover needs --input FILE_OR_DIR (repeatable)")
+        return recover.run(
+            _INPUT.value,
+            _OUTPUT.value,
+            workdir=_WORKDIR.value,
+            checkpoint=_CHECKPOINT.value,
+            step=_STEP.value,
+            align=_ALIGN.value,
+        )
+    from dfrec_jax import export
+
+    export.run(
+        _OUTPUT.value,
+        workdir=_WORKDIR.value,
+        checkpoint=_CHECKPOINT.value,
+        step=_STEP.value,
+        platforms=tuple(_PLATFORMS.value),
+    )
+    return 0
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m dfrec_jax {{{'|'.join(COMMANDS)}}} --config FILE")
-    if _CONFIG.value is None:
+    command = argv[1]
+    if _CONFIG.value is None and command not in NO_CONFIG:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     try:
-        if argv[1] == "train":
+        if command in NO_CONFIG:
+            return _no_config_command(command)
+        if command == "eval":
+            from dfrec_jax.eval import runner
+
+            if not (_WORKDIR.value or _CHECKPOINT.value):
+                raise app.UsageError("eval needs --workdir DIR (a train run) or --checkpoint DIR")
+            runner.run(
+                _CONFIG.value,
+                workdir=_WORKDIR.value,
+                checkpoint=_CHECKPOINT.value,
+                step=_STEP.value,
+                split=_SPLIT.value,
+                perturb=_PERTURB.value,
+            )
+        elif command == "train":
             if not _WORKDIR.value:
                 raise app.UsageError("train needs --workdir DIR (re-running it resumes)")
             return train(_CONFIG.value, _WORKDIR.value)
         elif argv[1] == "forward":
-            forward.run(_CONFIG.value, _OUTPUT.value, _NUM_IMAGES.value)
+            forward.run(_CONFIG.value, _OUTPUT.value or "runs/demo/forward", _NUM_IMAGES.value)
         elif argv[1] == "build_data":
             build_data(_CONFIG.value)
+        elif argv[1] == "samples":
+            if not _OUTPUT.value:
+                raise app.UsageError("samples needs --output DIR")
+            samples(_CONFIG.value, _SPLIT.value, _OUTPUT.value, _NUM_IMAGES.value)
         elif argv[1] == "sweep":
             if not _SWEEP.value or not _WORKDIR.value:
                 raise app.UsageError("sweep needs --sweep FILE and --workdir DIR")
@@ -111,7 +213,12 @@ def main(argv):
             batch_sizes = [int(b) for b in _BATCH.value]
             if _WHAT.value == "train_step" and not flags.FLAGS["batch"].present:
                 batch_sizes = []  # the config's global batch
-            bench.run(_WHAT.value, _CONFIG.value, batch_sizes=batch_sizes, repeats=_REPEATS.value)
+            if _WHAT.value == "recover" and not flags.FLAGS["batch"].present:
+                batch_sizes = [1, 8, 32]
+            extra = {"workdir": _WORKDIR.value} if _WHAT.value == "recover" else {}
+            bench.run(
+                _WHAT.value, _CONFIG.value, batch_sizes=batch_sizes, repeats=_REPEATS.value, **extra
+            )
     except (ValueError, FileNotFoundError) as e:  # people errors: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """`bench`: timings printed as one JSON object per measurement.
 
-    python -m dfrec_jax bench --what forward|input_pipeline|train_step --config C [--batch ..]
+    python -m dfrec_jax bench --what forward|input_pipeline|train_step|recover --config C
+        [--batch ..] [--workdir W]
 
 `train_step` times the real sharded train step (model + frozen loss nets + AdamW) on
 synthetic in-memory uint8 batches, so it needs no dataset and no TensorFlow: the same command
@@ -8,6 +9,10 @@ is the accelerator benchmark, run on a GPU/TPU machine it uses all of its device
 config.mesh; `--batch` = global batch sizes, e.g. `--batch 64,128`; `--config.model.dtype=
 bfloat16` for bf16 compute). It reports the step's FLOPs from XLA's cost analysis and the
 model FLOPs utilisation against the best f32 matmul throughput measured in the same process.
+
+`recover` times what a recovery does per batch on one device (host uint8 faces in, DFREC and
+the identity nets, every output back on the host) at batch 1/8/32 unless `--batch`;
+`--workdir W` uses that run's trained weights instead of a random init.
 """
 
 import json
@@ -92,15 +97,7 @@ def bench_input_pipeline(config, batch_sizes=(), repeats: int = 5) -> list[dict]
     results = []
     for batch in dict.fromkeys([int(data.batch_size), *batch_sizes]):
         start = time.perf_counter()
-        dataset = input_pipeline.make_dataset(
-            examples,
-            batch_size=batch,
-            seed=data.seed,
-            training=True,
-            mix=mix,
-            flip=data.flip,
-            shuffle_buffer=data.shuffle_buffer,
-        )
+        dataset = input_pipeline.training_dataset(examples, data, batch_size=batch)
         iterator = dataset.as_numpy_iterator()
         first = next(iterator)
         first_batch_s = time.perf_counter() - start
@@ -350,10 +347,72 @@ def step_report(measured: dict, batch_size: int, mesh, peak: dict) -> dict:
     return result
 
 
+def bench_recover(
+    config, batch_sizes=(1, 8, 32), repeats: int = 5, workdir=None, nets=None
+) -> list[dict]:
+    """Recovery latency and throughput: `recover`'s own jitted batch function (DFREC per image
+    from uint8 faces, the identity nets' embeddings of each input and its 8-bit recovered
+    target, their cosines).
+
+    Each timed call transfers a host uint8 batch to the device and fetches every output back,
+    as a real recovery does (file writing and alignment are not timed). Weights: the newest
+    checkpoint of `workdir` (its own config.json sets the model) or, without one, a random
+    init of `config`'s model; identity nets: `nets` (IdentityNets) or the real ones from
+    `config.eval`.
+    """
+    from dfrec_jax import recover
+    from dfrec_jax.eval import identity
+    from dfrec_jax.train import workdir as workdir_lib
+
+    if workdir:
+        from dfrec_jax import trained
+
+        run = trained.load(workdir=workdir)
+        model, variables, seed = run.model, run.variables, int(run.config.seed)
+        weights = f"checkpoint {run.checkpoint_dir} step {run.step}"
+        digest = run.config_hash
+    else:
+        model = inference.build_model(config)
+        seed = int(config.seed)
+        variables = inference.init_variables(model, jax.random.key(seed))
+        weights = f"random init (seed {seed})"
+        digest = workdir_lib.config_hash(config)
+    nets = nets if nets is not None else identity.load(config.eval)
+    recover_fn = recover.make_recover_fn(model, nets, seed)
+    size = model.image_size
+    device = jax.devices()[0]
+    rng = np.random.default_rng(seed)
+    results = []
+    for batch in batch_sizes:
+        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        start = time.perf_counter()
+        compiled = recover_fn.lower(variables, images).compile()
+        compile_s = time.perf_counter() - start
+        times = time_call(lambda x: jax.device_get(compiled(variables, x)), images, repeats=repeats)
+        median = float(np.median(times))
+        results.append(
+            {
+                "bench": "recover",
+                "config": digest,
+                "image_size": size,
+                "batch": batch,
+                "ms_per_batch": round(1e3 * median, 3),
+                "ms_per_image": round(1e3 * median / batch, 3),
+                "images_per_s": round(batch / median, 2),
+                "compile_s": round(compile_s, 3),
+                "repeats": repeats,
+                "weights": weights,
+                "device": f"{device.platform} ({device.device_kind})",
+            }
+        )
+    return results
+
+
 BENCHES = {
     "forward": bench_forward,
     "input_pipeline": bench_input_pipeline,
     "train_step": bench_train_step,
+    "recover": bench_recover,
 }
 
 

@@ -11,14 +11,7 @@ from dfrec_jax.pretrained import attributes, facenet, vgg
 
 
 def _identity_net(name: str, path: str):
-    if name == "facenet_keras":
-        net = facenet.FaceNet.load(path or None)
-    elif name == "facenet_pytorch":
-        if not path:
-            raise ValueError("loss.identity_net=facenet_pytorch needs loss.identity_weights=PATH")
-        net = facenet.FaceNet.from_pytorch(path)
-    else:
-        raise ValueError(f"unknown loss.identity_net {name!r} (facenet_keras|facenet_pytorch)")
+    net = facenet.load_named(name, path, "loss")
 
     def identity(images):
         out = net(images)

@@ -13,9 +13,26 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 ).strip()
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# One persistent compilation cache per test session (also inherited by the CLI subprocesses
+# tests start): many tests build the same tiny model in fresh closures, and each identical
+# program then compiles once. Programs under 1 s of compile time are not worth caching.
+_XLA_CACHE = tempfile.mkdtemp(prefix="dfrec_test_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 
 import socket  # noqa: E402
@@ -42,3 +59,13 @@ def no_network():
     socket.socket.connect = _guarded_connect
     yield
     socket.socket.connect = _real_connect
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny `train`-style run folder (tests/tiny.make_workdir, step 3) shared by the tests
+    that only read a run (trained, recover, export): building it costs ~30 s each time.
+    Tests must not write into it (copy it first)."""
+    from tests import tiny
+
+    return tiny.make_workdir(tmp_path_factory.mktemp("tiny_run") / "run", step=3)

@@ -1,6 +1,7 @@
 """The lfw_swap TFDS builder end to end on a tiny LFW-layout tree of real faces plus bad files:
 splits, mask/label consistency of every example, determinism, skip counts, 224, errors."""
 
+import json
 import os
 import shutil
 
@@ -10,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import skips, splits, swap
+from data_pipelines import samples, skips, splits, swap
 from data_pipelines.builders import lfw_swap
 from dfrec_jax import configlib
 
@@ -244,3 +245,26 @@ def test_plausibility_rejects_non_faces(built):
     assert not lfw_swap.plausible_landmarks(mean_face + 40)  # off the alignment / the image
     assert not lfw_swap.plausible_landmarks(112 - mean_face)  # upside down
     assert not lfw_swap.plausible_landmarks(np.full((68, 2), np.nan))
+
+
+def test_samples_for_recover_are_the_stored_examples(built, tmp_path):
+    builder, examples = built
+    split = max(examples, key=lambda s: len(examples[s]))
+    forged = sum(int(ex["label"]) == 1 for ex in examples[split])
+    records = samples.write_samples(builder, split, str(tmp_path), num_forged=2, num_pristine=1)
+    labels = [r["label"] for r in records]
+    assert labels.count("forgery") == min(2, forged) and labels.count("pristine") <= 1
+    for record in records:
+        ex = examples[split][record["index"]]
+        assert record["method"] == (_text(ex["method"]) or "pristine")
+        assert record["source_id"] == _text(ex["source_id"])
+        stem = os.path.splitext(os.path.basename(record["input"]))[0]
+        stored = np.asarray(Image.open(tmp_path / record["input"]))
+        np.testing.assert_array_equal(stored, ex["image"])  # PNG: lossless
+        for key in ("source", "target"):
+            truth = np.asarray(Image.open(tmp_path / "truth" / f"{stem}_{key}.png"))
+            np.testing.assert_array_equal(truth, ex[key])
+    listed = json.loads((tmp_path / "samples.json").read_text())["samples"]
+    assert listed == records
+    with pytest.raises(ValueError, match="no split 'nope'"):
+        samples.write_samples(builder, "nope", str(tmp_path))

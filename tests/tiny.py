@@ -111,3 +111,27 @@ def write_lfw_tree(destination, people_per_split=(10, 4, 2), images_per_person=2
         if not any(wanted.values()):
             return str(destination)
     raise AssertionError(f"not enough LFW people with {images_per_person} images: {wanted}")
+
+
+def make_workdir(workdir, config=None, step: int = 3, seed: int = 0) -> str:
+    """A `train`-style run folder (config.json, config_hash.txt, versions.json, one orbax
+    checkpoint at `step`) holding a randomly initialised tiny model: what eval / recover /
+    export read, without training. Returns the folder."""
+    import os
+
+    from dfrec_jax import inference
+    from dfrec_jax.train import checkpoints, sharding, state
+    from dfrec_jax.train import workdir as workdir_lib
+
+    config = config or tiny_config()
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.save_run_metadata(str(workdir), config)
+    model = inference.build_model(config)
+    mesh = sharding.make_mesh(config.mesh)
+    tx = state.make_optimizer(config.optim, config.train.steps)
+    train_state = state.create_train_state(config, model, jax.random.PRNGKey(seed), mesh, tx)
+    train_state = train_state.replace(step=jnp.asarray(step, jnp.int32))
+    with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=2) as c:
+        c.save(step, train_state, {"next_batch": step}, force=True)
+        c.wait()
+    return str(workdir)

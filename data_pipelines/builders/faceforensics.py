@@ -416,14 +416,7 @@ class FaceForensics(paired_images.ManualBuilder):
                         alignment.warp_like(masks[i], matrix, size), config.mask_threshold
                     )
                 else:
-                    mask = paired_images.derive_mask(
-                        image,
-                        target_crop,
-                        config.diff_threshold,
-                        config.mask_close,
-                        config.min_region,
-                        config.mask_dilate,
-                    )
+                    mask = paired_images.derive_mask_with(config, image, target_crop)
                 if not mask.any():
                     counter.skip(item, "empty mask")
                     continue

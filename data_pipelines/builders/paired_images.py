@@ -112,6 +112,15 @@ def derive_mask(
     return (mask * 255)[..., None]
 
 
+def derive_mask_with(config, fake: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """`derive_mask` with the thresholds of a builder config (diff_threshold, mask_close,
+    min_region, mask_dilate fields)."""
+    return derive_mask(
+        fake, target, config.diff_threshold, config.mask_close, config.min_region,
+        config.mask_dilate,
+    )  # fmt: skip
+
+
 def binarise_mask(frame: np.ndarray, threshold: int = 127) -> np.ndarray:
     """uint8 [S,S,1] 255/0 of a (compressed, warped) mask image: any channel above threshold."""
     gray = frame.max(-1) if frame.ndim == 3 else frame
@@ -556,14 +565,7 @@ class PairedImageBuilder(ManualBuilder, skip_registration=True):
             if isinstance(source, str):
                 counter.skip(rel, f"source original: {source}")
                 continue
-            mask = derive_mask(
-                fake,
-                target,
-                config.diff_threshold,
-                config.mask_close,
-                config.min_region,
-                config.mask_dilate,
-            )
+            mask = derive_mask_with(config, fake, target)
             if not mask.any():
                 counter.skip(rel, "empty mask (swap equals its target)")
                 continue

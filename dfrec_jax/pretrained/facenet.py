@@ -523,3 +523,17 @@ def _forward(facenet: FaceNet, images) -> dict:
     x = preprocess(images, facenet.preprocessing)
     variables = jax.tree.map(jax.lax.stop_gradient, facenet.variables)
     return facenet.module.apply(variables, x, train=False)
+
+
+def load_named(name: str, path: str, setting: str) -> FaceNet:
+    """The FaceNet a config names: "facenet_keras" (packaged weights, or the h5 at `path`) or
+    "facenet_pytorch" (needs `path`). `setting` names the config keys in errors, e.g. "loss"
+    for loss.identity_net / loss.identity_weights."""
+    if name == "facenet_keras":
+        return FaceNet.load(path or None)
+    if name == "facenet_pytorch":
+        if not path:
+            raise ValueError(f"{setting}.identity_net=facenet_pytorch needs "
+                             f"{setting}.identity_weights=PATH")  # fmt: skip
+        return FaceNet.from_pytorch(path)
+    raise ValueError(f"unknown {setting}.identity_net {name!r} (facenet_keras|facenet_pytorch)")

@@ -77,17 +77,13 @@ def _data_pipelines(config, mesh):
     train_examples = input_pipeline.load_examples(builder, "train")
 
     def train_fn(start_batch):
-        return input_pipeline.make_dataset(
+        return input_pipeline.training_dataset(
             train_examples,
+            data,
             batch_size=local_batch,
-            seed=data.seed,
-            training=True,
-            mix=dict(data.mix),
-            flip=data.flip,
+            start_batch=start_batch,
             process_index=index,
             process_count=processes,
-            start_batch=start_batch,
-            shuffle_buffer=data.shuffle_buffer,
         )
 
     train = input_pipeline.InputPipeline(train_fn, batch_sharding, data.batch_size)

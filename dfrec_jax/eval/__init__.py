@@ -1,0 +1,1 @@
+"""Evaluation: metrics, baselines, head pose, the `eval` runner and its report tables."""

@@ -1,0 +1,531 @@
+"""`eval`: score a trained DFREC and the classical baselines on a dataset split.
+
+    python -m dfrec_jax eval --config C --workdir W [--split test] [--perturb jpeg[:75]]
+    metrics = run(config, workdir=W, split="test", perturb="")   # the same, from Python
+
+Rows ("recovery methods"), all scored by the same code on the same examples:
+  - "none": the forgery itself taken as the recovered target and as the recovered source (the
+    paper's first row: how far the input already is from the truth);
+  - "inpaint_<m>" for each of config.eval.inpaint_methods: OpenCV inpainting of the input over
+    the face region (the hull of the INPUT's landmarks, or a fixed ellipse; inpaint_mask);
+  - "dfrec": the model.
+
+Columns ("groups"): each forgery method present in the split, and "All". Quality metrics of
+the recovered target (IDSim FaceNet and dlib, FID, LPIPS, PSNR, SSIM, pose error) and source
+IDSim are over the FORGED examples of a group; recovery accuracy (IDSim(input, recovered
+target) > threshold => pristine) and forgery-detection AUC are over a group's forgeries plus
+every pristine example ("All": every example), since a detector needs both classes. Mask IoU
+is over forgeries with a true mask: DFREC's seg > 0.5, or the inpainted region. Per-sample
+metrics aggregate to {"mean", "std", "n"} over their finite values (metrics.summary: a NaN, e.g.
+no landmarks for a pose, lowers n instead of crashing); FID, accuracy and AUC are one number
+per group (null when undefined). Aggregation is on one process: eval reads the whole split.
+
+Per batch (fixed size, padded, so every jitted function compiles once): the model's predict is
+dispatched, the host meanwhile finds the inputs' landmarks and inpaints; then ONE jitted
+function embeds every recovered face of every row together with the inputs, sources and
+targets (one identity/Inception/LPIPS call each, not one per row or sample) and returns
+per-sample values; head pose comes from landmarks on the host. The weights of pytree
+networks (Inception, LPIPS) enter that function as arguments, not as program constants.
+
+Outputs in W/eval/<split>[_<name>[_<level>]]: metrics.json (indent 2, sorted keys) and
+table.md (dfrec_jax/eval/report.py). `--perturb NAME` without a level evaluates each level of
+config.eval.perturb_levels[NAME] into one metrics.json {"levels": {level: rows}} with a
+robustness table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfrec_jax import trained as trained_lib
+from dfrec_jax.eval import baselines, identity, metrics, pose, report
+from dfrec_jax.train.progress import Progress
+
+ALL = "All"
+INPAINT_LABELS = {"telea": "Telea", "ns": "NS"}
+INPAINT_MASKS = ("landmarks", "fixed")
+# Per-sample metrics of the recovered target, aggregated over a group's forgeries.
+TARGET_METRICS = (
+    "idsim_target_facenet",
+    "idsim_target_dlib",
+    "dlib_match_target",
+    "lpips",
+    "psnr",
+    "ssim",
+    "pose_error",
+)
+SOURCE_METRICS = ("idsim_source_facenet", "idsim_source_dlib")
+# Per-sample [R,B] outputs of the jitted metrics function, one row per recovery method.
+DEVICE_METRICS = (
+    "idsim_target_facenet",
+    "idsim_target_dlib",
+    "dlib_match_target",
+    "idsim_input_facenet",
+    "lpips",
+    "psnr",
+    "ssim",
+)
+DLIB_SAME_PERSON = (
+    0.6  # dlib's descriptor distance threshold (its documented face-verification rule)
+)
+SOURCE_ROWS = ("none", "dfrec")  # rows that recover a source face
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalNets:
+    """The frozen networks eval scores with.
+
+    identity: FaceNet + dlib embeddings (identity.IdentityNets). fid_features: images
+    [B,S,S,3] in [0,1] -> [B,D] Inception pool features. lpips: (a, b) -> [B]. landmarks:
+    uint8 images [B,S,S,3] -> [B,68,2] (x, y) pixels, called on the host.
+    Every scorer but landmarks may be a pytree (InceptionFID, LPIPS, identity.load's
+    jax.tree_util.Partial nets): its arrays then enter the jitted metrics function as
+    arguments; a plain function (tests' tiny nets) is static there and its closed-over weights
+    become constants of the compiled program.
+    """
+
+    identity: identity.IdentityNets
+    fid_features: Callable
+    lpips: Callable
+    landmarks: Callable
+
+
+def load_eval_nets(eval_config) -> EvalNets:
+    """The real networks (offline weights; see identity.load for the identity nets)."""
+    from data_pipelines.landmarks import LandmarkDetector
+    from dfrec_jax.pretrained import inception_fid, vgg
+
+    return EvalNets(
+        identity=identity.load(eval_config),
+        fid_features=inception_fid.InceptionFID.load(),
+        lpips=vgg.LPIPS.load(),
+        # One eval batch per landmark call: the detector pads every call to its batch size.
+        landmarks=LandmarkDetector(batch_size=int(eval_config.batch_size)),
+    )
+
+
+# ----------------------------------------------------------------------------- device metrics
+
+
+def _split_arrays(tree) -> tuple[list, tuple]:
+    """(array leaves, hashable rest) of a pytree of callables: jit takes the arrays as
+    arguments (closed-over arrays would be embedded in the program) and the rest as static."""
+    leaves, treedef = jax.tree.flatten(tree)
+    is_array = [isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves]
+    arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
+    return arrays, (treedef, tuple(None if a else leaf for leaf, a in zip(leaves, is_array)))
+
+
+def _merge_arrays(arrays, static):
+    treedef, leaves = static
+    it = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(it) if leaf is None else leaf for leaf in leaves])
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *, static):
+    """Per-sample metrics of every row of one batch.
+
+    images, sources, targets: uint8 [B,S,S,3]; baseline_targets: uint8 [R-1,B,S,S,3] (row 0 is
+    the input itself); dfrec: the model's float outputs (target, source). Returns arrays
+    [R,B] (idsim_target_*, idsim_input_facenet, lpips, psnr, ssim), [2,B] (idsim_source_*:
+    rows "none" and "dfrec"), fid features [R,B,D] and the targets' [B,D].
+    """
+    facenet, dlib, fid_features, lpips = _merge_arrays(arrays, static)
+    identity_nets = identity.IdentityNets(facenet=facenet, dlib=dlib)
+    unit = lambda x: x.astype(jnp.float32) / 255.0  # noqa: E731
+    images, sources, targets = unit(images), unit(sources), unit(targets)
+    recovered = jnp.concatenate([unit(baseline_targets), dfrec["target"][None]], axis=0)
+    rec_sources = jnp.stack([images, dfrec["source"]])
+    rows, b = recovered.shape[:2]
+    flat = recovered.reshape((rows * b,) + recovered.shape[2:])
+    tiled = jnp.broadcast_to(targets, recovered.shape).reshape(flat.shape)
+    # Each distinct face once: the "none" row's target and source ARE the input images.
+    faces = jnp.concatenate([targets, sources, images, flat[b:], rec_sources[1]])
+    out = {}
+    for name, emb in identity_nets.embed(faces).items():
+        t, s, i = emb[:b], emb[b : 2 * b], emb[2 * b : 3 * b]
+        r = jnp.concatenate([i[None], emb[3 * b : 2 * b + rows * b].reshape(rows - 1, b, -1)])
+        rs = jnp.stack([i, emb[2 * b + rows * b :]])
+        out[f"idsim_target_{name}"] = identity.cosine(r, t[None])
+        out[f"idsim_source_{name}"] = identity.cosine(rs, s[None])
+        if name == "facenet":
+            out["idsim_input_facenet"] = identity.cosine(r, i[None])
+        else:  # dlib's own rule: same person when the descriptors are closer than 0.6
+            distance = jnp.sqrt(jnp.sum(jnp.square(r - t[None]), axis=-1))
+            out["dlib_match_target"] = (distance < DLIB_SAME_PERSON).astype(jnp.float32)
+    out["lpips"] = lpips(flat, tiled).reshape(rows, b)
+    out["psnr"] = metrics.psnr(flat, tiled).reshape(rows, b)
+    out["ssim"] = metrics.ssim(flat, tiled).reshape(rows, b)
+    features = fid_features(jnp.concatenate([targets, flat]))
+    out["fid_target"] = features[:b]
+    out["fid_recovered"] = features[b:].reshape(rows, b, -1)
+    return out
+
+
+# ----------------------------------------------------------------------------- one pass
+
+
+def _concat(parts: list[dict]) -> dict:
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
+
+
+class _Evaluator:
+    """Scores every row on the batches of a split; per-sample values stay on the host."""
+
+    def __init__(self, model: trained_lib.TrainedModel, nets: EvalNets, eval_config, seed: int):
+        self.model, self.nets, self.cfg, self.seed = model, nets, eval_config, seed
+        self.methods = tuple(eval_config.inpaint_methods)
+        unknown = [m for m in self.methods if m not in baselines.METHODS]
+        if unknown:
+            raise ValueError(
+                f"config.eval.inpaint_methods: unknown {unknown}; known: "
+                f"{sorted(baselines.METHODS)}"
+            )
+        if eval_config.inpaint_mask not in INPAINT_MASKS:
+            raise ValueError(
+                f"config.eval.inpaint_mask must be one of {INPAINT_MASKS}, got "
+                f"{eval_config.inpaint_mask!r}"
+            )
+        self.rows = ("none",) + tuple(f"inpaint_{m}" for m in self.methods) + ("dfrec",)
+        scorers = (nets.identity.facenet, nets.identity.dlib, nets.fid_features, nets.lpips)
+        self.arrays, self.static = _split_arrays(scorers)
+
+    def _regions(self, input_landmarks, size: int) -> np.ndarray:
+        """bool [B,S,S]: where the inpainting baselines fill."""
+        if self.cfg.inpaint_mask == "landmarks":
+            return baselines.landmark_region(input_landmarks, size)
+        return np.broadcast_to(baselines.fixed_region(size), (len(input_landmarks), size, size))
+
+    def _batch(self, batch: dict) -> dict:
+        """Per-sample values of one (padded) batch, every array with a leading [B] axis."""
+        from data_pipelines.features import to_uint8
+
+        images, size = batch["image"], batch["image"].shape[1]
+        predicted = self.model.predict(images)  # dispatched: the host works meanwhile
+        input_landmarks = self.nets.landmarks(images)
+        regions = self._regions(input_landmarks, size)
+        radius = int(self.cfg.inpaint_radius)
+        baseline_targets = np.stack(
+            [images] + [baselines.inpaint(images, regions, m, radius) for m in self.methods]
+        )
+        dfrec = {k: predicted[k] for k in ("target", "source")}
+        device = _device_metrics(
+            self.arrays,
+            images,
+            batch["source"],
+            batch["target"],
+            baseline_targets,
+            dfrec,
+            static=self.static,
+        )
+        # Head pose of the true targets and of each row's recovered target: one landmark call.
+        # The "none" row's target is the input, whose landmarks are known already.
+        recovered = np.concatenate(
+            [*baseline_targets[1:], to_uint8(np.asarray(predicted["target"]))]
+        )
+        points = self.nets.landmarks(np.concatenate([batch["target"], recovered]))
+        points = np.concatenate([points[: len(images)], input_landmarks, points[len(images) :]])
+        poses = pose.head_pose(points, size).reshape(len(self.rows) + 1, len(images), 3)
+        device = jax.device_get(device)
+        rows, fid = {}, {"target": device["fid_target"]}
+        for r, row in enumerate(self.rows):
+            values = {k: device[k][r] for k in DEVICE_METRICS}
+            values["pose_error"] = pose.angle_error(poses[r + 1], poses[0])
+            if row in SOURCE_ROWS:
+                values.update({k: device[k][SOURCE_ROWS.index(row)] for k in SOURCE_METRICS})
+            if row == "dfrec":
+                values["mask_iou"] = metrics.mask_iou(np.asarray(predicted["seg"]), batch["mask"])
+            elif row != "none":
+                values["mask_iou"] = metrics.mask_iou(regions, batch["mask"])
+            rows[row] = values
+            fid[row] = device["fid_recovered"][r]
+        return {
+            "rows": rows,
+            "fid": fid,
+            "forgery_logit": np.asarray(predicted["forgery_logit"], np.float64),
+        }
+
+    def samples(self, examples, perturb_spec: str) -> dict:
+        """Per-sample values and labels of every example of `examples` (padding dropped)."""
+        from data_pipelines import input_pipeline
+
+        batch_size = int(self.cfg.batch_size)
+        dataset = input_pipeline.make_dataset(
+            examples,
+            batch_size=batch_size,
+            seed=self.seed,
+            training=False,
+            perturb=perturb_spec,
+        )
+        count = int(examples.cardinality())  # known for tfds splits (and after take(N))
+        progress = Progress(-(-count // batch_size), every=10) if count > 0 else None
+        parts = []
+        for i, batch in enumerate(dataset.as_numpy_iterator()):
+            if progress is not None:
+                progress.update(i, images_per_step=batch_size)
+            keep = batch["valid"] > 0
+            if not keep.any():
+                continue
+            values = self._batch(batch)
+            forged = batch["label"][keep] == 1
+            fid = {k: v[keep][forged] for k, v in values["fid"].items()}  # the FID sets
+            parts.append(
+                {
+                    "method_id": batch["method_id"][keep],
+                    "label": batch["label"][keep],
+                    "has_mask": batch["has_mask"][keep] > 0,
+                    "forgery_logit": values["forgery_logit"][keep],
+                    "rows": jax.tree.map(lambda v: v[keep], values["rows"]),
+                    "fid_method_id": batch["method_id"][keep][forged],
+                    "fid": fid,
+                }
+            )
+        if progress is not None:
+            progress.update(progress.total_steps, images_per_step=batch_size)
+        return _concat(parts)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _groups(samples: dict) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """group -> (its forgeries, its accuracy/AUC population, its FID rows); methods in
+    METHODS order, then "All"."""
+    from data_pipelines.input_pipeline import METHODS
+
+    method_id, forged = samples["method_id"], samples["label"] == 1
+    groups = {}
+    for m in sorted(set(method_id[forged].tolist())):
+        own = forged & (method_id == m)
+        groups[METHODS[m]] = (own, own | ~forged, samples["fid_method_id"] == m)
+    groups[ALL] = (forged, np.ones_like(forged), np.ones_like(samples["fid_method_id"], bool))
+    return groups
+
+
+def _cell(row: str, samples: dict, selectors, threshold: float) -> dict:
+    """Every metric of one row over one group."""
+    forged, population, fid_rows = selectors
+    values, labels = samples["rows"][row], samples["label"][population]
+    cell = {k: metrics.summary(values[k][forged]) for k in TARGET_METRICS}
+    for k in SOURCE_METRICS:
+        cell[k] = metrics.summary(values[k][forged]) if k in values else None
+    if "mask_iou" in values:
+        cell["mask_iou"] = metrics.summary(values["mask_iou"][forged & samples["has_mask"]])
+    else:
+        cell["mask_iou"] = None
+    cell["fid"] = metrics.fid(samples["fid"][row][fid_rows], samples["fid"]["target"][fid_rows])
+    # Accuracy and AUC rank/threshold finite values only; n of idsim_input_facenet says how many.
+    similarity = values["idsim_input_facenet"][population]
+    cell["idsim_input_facenet"] = metrics.summary(similarity)
+    ok = np.isfinite(similarity)
+    cell["recovery_accuracy"] = metrics.recovery_accuracy(similarity[ok], labels[ok], threshold)
+    cell["auc"] = None
+    if row == "dfrec":
+        logits = samples["forgery_logit"][population]
+        ok = np.isfinite(logits)
+        cell["auc"] = metrics.roc_auc(logits[ok], labels[ok])
+    return cell
+
+
+def aggregate(samples: dict, rows: tuple[str, ...], threshold: float) -> tuple[list, dict]:
+    """(group names in column order, {row: {group: {metric: summary | number | None}}})."""
+    groups = _groups(samples)
+    table = {
+        row: {g: _cell(row, samples, sel, threshold) for g, sel in groups.items()} for row in rows
+    }
+    return list(groups), table
+
+
+def count_examples(samples: dict) -> dict:
+    """How many examples were scored: total, pristine, forged, forged per method."""
+    from data_pipelines.input_pipeline import METHODS
+
+    labels, method_id = samples["label"], samples["method_id"]
+    forged = labels == 1
+    ids, counts = np.unique(method_id[forged], return_counts=True)
+    return {
+        "total": int(labels.size),
+        "pristine": int(np.sum(~forged)),
+        "forged": int(np.sum(forged)),
+        "forged_per_method": {METHODS[i]: int(c) for i, c in zip(ids, counts)},
+    }
+
+
+def _json_ready(value):
+    """NaN / inf -> null (strict JSON), NumPy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _first_difference(a, b, path: str):
+    """(dotted key, a's value, b's value) of the first difference of two JSON trees, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    return None if a == b else (path, a, b)
+
+
+def _check_model(config, model: trained_lib.TrainedModel) -> None:
+    from dfrec_jax.train import workdir as workdir_lib
+
+    found = _first_difference(
+        workdir_lib.config_to_dict(config.model),
+        workdir_lib.config_to_dict(model.config.model),
+        "model",
+    )
+    if found:
+        key, ours, theirs = found
+        raise ValueError(
+            f"--config sets {key}={ours!r} but the checkpoint in {model.checkpoint_dir} was "
+            f"trained with {theirs!r}; evaluate with the run's model config"
+        )
+
+
+def _examples(config, split: str, image_size: int):
+    """(prepared builder, the split's examples): only the first config.eval.max_examples
+    when that is > 0 (the rest are never read)."""
+    from data_pipelines import datasets, input_pipeline
+
+    if int(config.data.image_size) != image_size:
+        raise ValueError(
+            f"config.data.image_size={config.data.image_size} but the model takes "
+            f"{image_size}px faces; set --config.data.image_size={image_size}"
+        )
+    builder = datasets.prepare(config.data)
+    if split not in builder.info.splits:
+        raise ValueError(
+            f"split {split!r} not in {builder.info.full_name} (splits: "
+            f"{', '.join(sorted(builder.info.splits))})"
+        )
+    size = builder.info.features["image"].shape[0]
+    if size != image_size:
+        raise ValueError(
+            f"{builder.info.full_name} holds {size}px faces but the model takes {image_size}px"
+        )
+    examples = input_pipeline.load_examples(builder, split)
+    limit = int(config.eval.max_examples)
+    return builder, examples.take(limit) if limit > 0 else examples
+
+
+def _level_key(level) -> str:
+    return f"{float(level):g}"  # 75 -> "75", 30.0 -> "30", 12.5 -> "12.5"
+
+
+def _perturbations(perturb: str, eval_config) -> tuple[str, list[str]]:
+    """(name, the specs to evaluate): ("", [""]) clean; ("jpeg", ["jpeg:75"]) for "jpeg:75";
+    ("jpeg", ["jpeg:50", ...]) for "jpeg" (config.eval.perturb_levels.jpeg)."""
+    if not perturb:
+        return "", [""]
+    from data_pipelines import perturbations
+
+    name, level = perturbations.parse(perturb)
+    levels = [level] if level is not None else list(eval_config.perturb_levels[name])
+    specs = [f"{name}:{_level_key(lv)}" for lv in levels]
+    for spec in specs:
+        perturbations.parse(spec)  # a bad level in the config fails before any work
+    return name, specs
+
+
+def _row_labels(rows) -> dict[str, str]:
+    labels = {"none": "None", "dfrec": "DFREC"}
+    for row in rows:
+        if row.startswith("inpaint_"):
+            method = row.removeprefix("inpaint_")
+            labels[row] = f"Inpaint ({INPAINT_LABELS.get(method, method)})"
+    return {row: labels[row] for row in rows}
+
+
+def run(
+    config,
+    workdir: str | None = None,
+    checkpoint: str | None = None,
+    step: int | None = None,
+    split: str = "test",
+    perturb: str = "",
+    nets: EvalNets | None = None,
+) -> dict:
+    """Evaluates a run's checkpoint on `split` of config.data and writes metrics.json and
+    table.md (module docstring); returns the metrics dict. `nets` replaces the real scoring
+    networks (tests)."""
+    from dfrec_jax.train import workdir as workdir_lib
+
+    model = trained_lib.load(workdir=workdir, checkpoint=checkpoint, step=step)
+    _check_model(config, model)
+    name, specs = _perturbations(perturb, config.eval)
+    each_level = bool(name) and ":" not in perturb
+    builder, examples = _examples(config, split, model.image_size)
+    evaluator = _Evaluator(
+        model, nets or load_eval_nets(config.eval), config.eval, seed=int(config.data.seed)
+    )
+    threshold = float(config.eval.recovery_threshold)
+    out = {
+        "split": split,
+        "checkpoint": {
+            "path": model.checkpoint_dir,
+            "step": model.step,
+            "params_sha256": model.params_sha256,
+        },
+        "config_hash": model.config_hash,
+        "eval_config": workdir_lib.config_to_dict(config.eval),
+        "dataset": {
+            "name": builder.info.full_name,
+            "version": str(builder.info.version),
+            "split_examples": int(builder.info.splits[split].num_examples),
+        },
+        "row_order": list(evaluator.rows),
+        "row_labels": _row_labels(evaluator.rows),
+        "paper_reference": report.PAPER_TABLE_I,
+    }
+    if each_level:
+        out["perturb"], out["levels"] = name, {}
+        for spec in specs:
+            samples = evaluator.samples(examples, spec)
+            out["groups"], out["levels"][spec.partition(":")[2]] = aggregate(
+                samples, evaluator.rows, threshold
+            )
+        folder = f"{split}_{name}"
+    else:
+        out["perturb"] = specs[0]
+        samples = evaluator.samples(examples, specs[0])
+        out["groups"], out["rows"] = aggregate(samples, evaluator.rows, threshold)
+        folder = "_".join([split] + specs[0].split(":")) if specs[0] else split
+    out["num_examples"] = count_examples(samples)
+    out["versions"] = workdir_lib.library_versions()
+    out["created_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    out = _json_ready(out)
+
+    output_dir = os.path.join(workdir or os.path.dirname(model.checkpoint_dir), "eval", folder)
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "metrics.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2, sort_keys=True)
+        f.write("\n")
+    table = report.document(out)
+    with open(os.path.join(output_dir, "table.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(path)
+    return out

@@ -1,0 +1,169 @@
+"""A trained DFREC model read back from a run folder, for eval / recover / export / bench.
+
+    trained = load(workdir="runs/demo")            # newest checkpoint of the run
+    trained = load(checkpoint="runs/demo/checkpoints", step=100)
+    outputs = trained.predict(images_uint8_or_float01)   # jitted, deterministic
+
+The config comes from the run's `config.json` (written by `train`), so recovery needs no
+config file; the parameters from the orbax checkpoint (the whole train state is restored onto
+one device and only params + batch_stats are kept). Nothing here imports TensorFlow.
+
+Inference is deterministic and per image: every image is run as a batch of one (vmapped) with
+the same masking key (`config.seed`), so an image's outputs never depend on the other images
+of its batch or on its position in it (the masking's tie-break noise is drawn per batch row,
+and on a trained model's pristine faces, where the map is ~0 everywhere, that noise decides
+which patches are masked). The same input and checkpoint give the same outputs, which the
+evidence records rely on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from dfrec_jax import inference
+from dfrec_jax.models import DFREC
+
+OUTPUT_KEYS = ("seg", "forgery_logit", "source", "target", "mask")
+
+
+def params_sha256(variables: Any) -> str:
+    """sha256 over every array of `variables` (sorted paths; path, dtype, shape and bytes), so
+    equal parameters give equal digests on any machine and any change shows."""
+    digest = hashlib.sha256()
+    flat = traverse_util.flatten_dict(jax.device_get(variables))
+    for path in sorted(flat):
+        leaf = np.ascontiguousarray(flat[path])
+        digest.update("/".join(map(str, path)).encode())
+        digest.update(f"{leaf.dtype.str}{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+    """A run's config.json as a ConfigDict (lists where the config file had tuples)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no config.json at {path} (is this a `train` workdir?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"unreadable config {path}: {e}") from None
+    return ml_collections.ConfigDict(data)
+
+
+def _locate(workdir: str | None, checkpoint: str | None) -> tuple[str, str]:
+    """(checkpoint directory, config.json path) from --workdir or --checkpoint."""
+    if bool(workdir) == bool(checkpoint):
+        raise ValueError("give exactly one of --workdir (a train run) or --checkpoint (its "
+                         "checkpoints folder)")  # fmt: skip
+    if workdir:
+        workdir = os.path.abspath(workdir)
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"workdir not found: {workdir}")
+        return os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
+    checkpoint = os.path.abspath(checkpoint)
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
+    for candidate in (checkpoint, os.path.dirname(checkpoint)):
+        if os.path.exists(os.path.join(candidate, "config.json")):
+            return checkpoint, os.path.join(candidate, "config.json")
+    raise FileNotFoundError(f"no config.json in {checkpoint} or its parent folder")
+
+
+def apply_per_image(model: DFREC, variables: Any, images: jax.Array, seed: int) -> dict:
+    """DFREC outputs (OUTPUT_KEYS) for float images [B,S,S,3] in [0,1], each image run alone
+    with the masking key `seed` (see the module docstring); traceable, for use under jit."""
+
+    def one(image):
+        out = model.apply(variables, image[None], train=False,
+                          rngs={"masking": jax.random.key(seed)})  # fmt: skip
+        return {k: out[k][0] for k in OUTPUT_KEYS}
+
+    out = jax.vmap(one)(images)
+    return {
+        k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
+        for k, v in out.items()
+    }
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    config: ml_collections.ConfigDict
+    model: DFREC
+    variables: dict  # {"params": ..., "batch_stats": ...} on one device
+    checkpoint_dir: str
+    step: int
+    params_sha256: str
+    config_hash: str
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.model.image_size)
+
+    @functools.cached_property
+    def _predict(self):
+        model, seed = self.model, int(self.config.seed)
+
+        @jax.jit
+        def predict(variables, images):
+            if images.dtype == jnp.uint8:
+                images = images.astype(jnp.float32) / 255.0
+            return apply_per_image(model, variables, images, seed)
+
+        return predict
+
+    def predict(self, images) -> dict[str, jax.Array]:
+        """Model outputs (seg, forgery_logit, source, target, mask) for images [B,S,S,3] (uint8,
+        or float in [0, 1]); float outputs in float32; each image independent of its batch."""
+        return self._predict(self.variables, images)
+
+
+def load(
+    workdir: str | None = None, checkpoint: str | None = None, step: int | None = None
+) -> TrainedModel:
+    """The model of a run: `workdir` (its checkpoints/ and config.json) or `checkpoint` (a
+    checkpoints folder whose config.json is beside or inside it); newest step unless `step`."""
+    from dfrec_jax.train import checkpoints, state  # orbax + optax; no TensorFlow
+
+    ckpt_dir, config_path = _locate(workdir, checkpoint)
+    config = read_config(config_path)
+    model = inference.build_model(config)
+    with checkpoints.Checkpointer(ckpt_dir, save_every=1, keep=1, read_only=True) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (train first)")
+        tx = state.make_optimizer(config.optim, int(config.train.steps))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+            state.abstract_train_state(config, model, tx),
+        )
+        restored, _ = ckpt.restore(target, step)
+    variables = {"params": restored.params, "batch_stats": restored.batch_stats}
+    hash_path = os.path.join(os.path.dirname(config_path), "config_hash.txt")
+    if os.path.exists(hash_path):
+        with open(hash_path) as f:
+            digest = f.read().strip()
+    else:
+        from dfrec_jax.train import workdir as workdir_lib
+
+        digest = workdir_lib.config_hash(config)
+    return TrainedModel(
+        config=config,
+        model=model,
+        variables=variables,
+        checkpoint_dir=ckpt_dir,
+        step=int(restored.step),
+        params_sha256=params_sha256(variables),
+        config_hash=digest,
+    )

@@ -1,0 +1,71 @@
+"""Reading a trained run back (dfrec_jax/trained.py): config, parameters, digests, errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dfrec_jax import trained
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_run):
+    return tiny_run
+
+
+def test_load_restores_the_saved_parameters(run_dir):
+    from dfrec_jax.train import checkpoints
+
+    model = trained.load(workdir=run_dir)
+    assert model.step == 3 and model.image_size == tiny.IMAGE_SIZE
+    assert model.config_hash == open(os.path.join(run_dir, "config_hash.txt")).read().strip()
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert model.config.to_dict() == json.load(f)
+    # The same arrays as the checkpoint's state (read independently, untyped).
+    with checkpoints.Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=1, keep=1,
+                                  read_only=True) as ckpt:  # fmt: skip
+        raw = ckpt._manager.restore(3)["state"]
+    for a, b in zip(jax.tree.leaves(raw["params"]), jax.tree.leaves(model.variables["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_folder_equals_workdir_and_predict_is_deterministic(run_dir):
+    a = trained.load(workdir=run_dir)
+    b = trained.load(checkpoint=os.path.join(run_dir, "checkpoints"))
+    assert a.params_sha256 == b.params_sha256 and a.step == b.step
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    out_a, out_b = jax.device_get(a.predict(images)), jax.device_get(b.predict(images))
+    assert set(out_a) == set(trained.OUTPUT_KEYS)
+    for key in out_a:
+        np.testing.assert_array_equal(out_a[key], out_b[key])
+    # uint8 input is the same as its float [0, 1] version.
+    as_float = jax.device_get(a.predict(images.astype(np.float32) / 255.0))
+    np.testing.assert_allclose(as_float["target"], out_a["target"], atol=1e-6)
+
+
+def test_params_digest_sees_every_change():
+    tree = {"a": {"kernel": np.zeros((2, 3), np.float32)}, "b": np.ones(4, np.float32)}
+    digest = trained.params_sha256(tree)
+    assert digest == trained.params_sha256(jax.tree.map(np.copy, tree))
+    changed = jax.tree.map(np.copy, tree)
+    changed["a"]["kernel"][1, 2] = 1e-7
+    assert trained.params_sha256(changed) != digest
+    reshaped = {"a": {"kernel": np.zeros((3, 2), np.float32)}, "b": tree["b"]}
+    assert trained.params_sha256(reshaped) != digest
+    renamed = {"a": {"bias": tree["a"]["kernel"]}, "b": tree["b"]}
+    assert trained.params_sha256(renamed) != digest
+
+
+def test_bad_locations_are_one_line_errors(tmp_path, run_dir):
+    with pytest.raises(FileNotFoundError, match="workdir not found"):
+        trained.load(workdir=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="exactly one of"):
+        trained.load(workdir=run_dir, checkpoint=run_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        trained.load(workdir=str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        trained.load(checkpoint=str(tmp_path / "empty"))
