@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dfrec_jax.eval import baselines, metrics, pose
+from dfrec_jax.eval import baselines, identity, metrics, pose
+from tests import lfw
 
 # --- image metrics ------------------------------------------------------------------------
 
@@ -306,3 +307,33 @@ def test_landmark_region_hull_dilation_and_fallback():
     assert grown[0].sum() > regions[0].sum() and (grown[0] >= regions[0]).all()
     assert grown[0, 6, 16] and not grown[0, 5, 16]
     np.testing.assert_array_equal(grown[1], baselines.fixed_region(32))
+
+
+def test_identity_cosine_against_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 16)), rng.normal(size=(5, 16))
+    expected = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    np.testing.assert_allclose(identity.cosine(a, b), expected, rtol=1e-5)
+    np.testing.assert_allclose(identity.cosine(a, 3.0 * a), 1.0, rtol=1e-6)  # scale-free
+    np.testing.assert_allclose(identity.cosine(a, -a), -1.0, rtol=1e-6)
+
+
+def test_idsim_with_the_real_nets_is_symmetric_and_one_for_identical_faces():
+    """IDSim as eval / recover compute it (identity.load: FaceNet and dlib) on real LFW faces."""
+    from configs import default
+
+    faces = lfw.real_faces(4)
+    nets = identity.load(default.eval_config())
+    for name, embedding in nets.embed(faces).items():
+        e = np.asarray(embedding)
+        same = np.asarray(identity.cosine(e, e))
+        np.testing.assert_allclose(same, 1.0, atol=1e-5, err_msg=name)
+        forward = np.asarray(identity.cosine(e[:2], e[2:]))
+        backward = np.asarray(identity.cosine(e[2:], e[:2]))
+        np.testing.assert_allclose(forward, backward, atol=1e-6, err_msg=name)
+        assert (forward < 0.999).all(), (name, forward)  # different people are not identical
+    # Embedding the same face again (another batch position) gives IDSim 1 too.
+    again = np.asarray(nets.facenet(faces[::-1]))[::-1]
+    np.testing.assert_allclose(
+        identity.cosine(again, np.asarray(nets.facenet(faces))), 1.0, atol=1e-5
+    )
