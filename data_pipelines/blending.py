@@ -1,10 +1,12 @@
 """Blended-image (BI) forgeries made on the fly inside tf.data (Face X-ray style).
 
-`blend_pair(target, partner, seed)` pastes the face region of one pristine example (the
-partner, whose identity becomes the forgery's source) into another (the target) and returns an
-example with the same feature dict as the builders (see `features.py`), label 1, method
-"blended". Pure TensorFlow with stateless random ops: it runs in graph mode inside
-`tf.data.Dataset.map`, is deterministic for a seed, and keeps every shape static.
+`blend_pair(target, partner, seed, morph_fraction, morph_alpha)` pastes the face region of one
+pristine example (the partner, whose identity becomes the forgery's source) into another (the
+target) and returns an example with the same feature dict as the builders (see `features.py`),
+label 1, method "blended" (a splice, alpha 1) or, with probability `morph_fraction`,
+"morph_blended" (a texture morph, alpha ~ U[morph_alpha]). Pure TensorFlow with stateless
+random ops: it runs in graph mode inside `tf.data.Dataset.map`, is deterministic for a seed,
+and keeps every shape static.
 
 Algorithm, for an aligned dataset of size S (all our datasets are aligned crops, so the
 partner's face sits roughly where the target's does and one region serves both faces):
@@ -28,8 +30,15 @@ partner's face sits roughly where the target's does and one region serves both f
    rounds to >= 1, and the binary region is the last-resort fallback, so it is never empty.
 4. Colour transfer (Reinhard-style, in RGB): the partner's per-channel mean and std inside
    the binary region are matched to the target's inside the same region, clipped to [0, 255].
-5. image = round(target * (1 - a) + partner_ct * a) with a = mask / 255: where mask == 0
-   the image equals the target bit for bit; where mask == 255 it is the colour-matched partner.
+5. Kind and texture: with probability `morph_fraction` (a uniform draw keyed by
+   fold_in(seed, MORPH_SALT), so the other draws above are the same for either kind) the
+   forgery is a morph: alpha ~ U[morph_alpha] (a second uniform of the same key) and the
+   texture is alpha * partner_ct + (1 - alpha) * target, which keeps part of the target's
+   identity inside the face; otherwise alpha = 1 and the texture is partner_ct (a splice). The
+   partner is not re-warped (aligned crops), and the mask stays the region, whatever alpha.
+6. image = round(target * (1 - a) + texture * a) with a = mask / 255: where mask == 0 the
+   image equals the target bit for bit; where mask == 255 it is the texture. The returned
+   `alpha` (float32) is the drawn alpha (1.0 for a splice).
 
 Assumption: the partner is pristine (the caller pairs pristine examples, checked with
 `is_blendable` or its own filter); its `image` is the face pasted in and its `target_id` is
@@ -40,7 +49,11 @@ import math
 
 import tensorflow as tf
 
-METHOD = "blended"
+from data_pipelines.swap import MORPH_ALPHA, check_alpha_range
+
+METHOD = "blended"  # a splice: pure partner texture inside the region
+MORPH_METHOD = "morph_blended"  # a texture morph: alpha * partner + (1 - alpha) * target
+MORPH_SALT = 0x6D6F7270  # fold_in key of the morph draws ("morp")
 
 SCALE_RANGE = (0.9, 1.1)
 SHIFT_MAX = 0.04  # fraction of S, per axis
@@ -200,22 +213,43 @@ def blend_mask(face_mask: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
     return tf.ensure_shape(mask, face_mask.shape), region
 
 
-def blend_pair(target: dict, partner: dict, seed: tf.Tensor) -> dict:
+def morph_draw(seed: tf.Tensor, morph_fraction: float, morph_alpha=MORPH_ALPHA):
+    """(tf.bool is_morph, float32 alpha: U[morph_alpha] for a morph, else 1.0) for `seed`."""
+    lo, hi = check_alpha_range(morph_alpha)
+    if not 0.0 <= morph_fraction <= 1.0:
+        raise ValueError(f"morph_fraction must be in [0, 1], got {morph_fraction}")
+    key = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), MORPH_SALT)
+    u = tf.random.stateless_uniform([2], key)
+    is_morph = u[0] < morph_fraction
+    alpha = tf.where(is_morph, lo + u[1] * (hi - lo), 1.0)
+    return is_morph, alpha
+
+
+def blend_pair(
+    target: dict,
+    partner: dict,
+    seed: tf.Tensor,
+    morph_fraction: float = 0.0,
+    morph_alpha: tuple[float, float] = MORPH_ALPHA,
+) -> dict:
     """A BI forgery: partner's face pasted into target (both pristine), same feature dict.
 
-    `seed`: int32/int64 [2] for the stateless random ops. See the module docstring for the
-    algorithm. Keys not listed below are copied from `target`.
+    `seed`: int32/int64 [2] for the stateless random ops. `morph_fraction`: probability of a
+    texture morph (alpha ~ U[morph_alpha]) instead of a splice (alpha 1). See the module
+    docstring for the algorithm. Keys not listed below are copied from `target`.
     """
     size = target["image"].shape[0]
     if size is None:
         raise ValueError("blend_pair needs static image shapes [S,S,3]")
     seed = tf.cast(seed, tf.int64)
     mask, region = blend_mask(target["face_mask"], seed)
+    is_morph, alpha = morph_draw(seed, morph_fraction, morph_alpha)
     target_f = tf.cast(target["image"], tf.float32)
     partner_f = colour_transfer(tf.cast(partner["image"], tf.float32), target_f, region)
+    texture = alpha * partner_f + (1.0 - alpha) * target_f  # alpha 1: exactly partner_f
     # Quantised alpha first: mask == 0 gives a == 0 exactly, so image == target bit for bit.
     a = tf.cast(mask, tf.float32) / 255.0
-    blended = tf.round(target_f * (1.0 - a) + partner_f * a)
+    blended = tf.round(target_f * (1.0 - a) + texture * a)
     image = tf.cast(tf.clip_by_value(blended, 0.0, 255.0), tf.uint8)
     out = dict(target)
     out.update(
@@ -225,8 +259,9 @@ def blend_pair(target: dict, partner: dict, seed: tf.Tensor) -> dict:
         mask=mask,
         face_mask=target["face_mask"],
         landmarks=target["landmarks"],
+        alpha=tf.cast(alpha, tf.float32),
         label=tf.ones_like(target["label"]),
-        method=tf.constant(METHOD),
+        method=tf.where(is_morph, tf.constant(MORPH_METHOD), tf.constant(METHOD)),
         source_id=partner["target_id"],
         target_id=target["target_id"],
     )

@@ -47,6 +47,8 @@ def get_builder(data) -> tfds.core.DatasetBuilder:
             max_people=data.max_people,
             forgeries_per_image=data.forgeries_per_image,
             methods=methods,
+            morph_fraction=data.get("morph_fraction", module.MORPH_FRACTION),
+            morph_alpha=tuple(data.get("morph_alpha", None) or module.swap.MORPH_ALPHA),
         )
     elif data.dataset == "faceforensics":
         chosen = {"methods": methods} if methods else {}

@@ -4,7 +4,12 @@ Keys (all builders, all splits):
 - `image`   uint8 [S,S,3]: the network input (a forgery, or a pristine face).
 - `source`  uint8 [S,S,3]: the true source face (whose identity was pasted in).
 - `target`  uint8 [S,S,3]: the true target face (the person really filmed).
-- `mask`    uint8 [S,S,1]: 255 where the pixel carries the source (the blend region), 0 else.
+- `mask`    uint8 [S,S,1]: 255 where the pixel carries source information (a forgery's
+  feathered blend region), 0 where it is pure target; 255 everywhere for a pristine face.
+- `alpha`   float32 scalar: the share of source texture inside the region: 0.0 pristine,
+  1.0 splices (lfw_swap hull/elastic/template methods, blended images), the drawn alpha
+  for morphs (lfw_swap `morph_blend`, morphed blended images), -1.0 unknown (datasets of
+  learned swappers: faceforensics, celeba_megafs, ffhq_e4s). Extends the issue's dict.
 - `face_mask` uint8 [S,S,1]: 255 inside the convex hull of `image`'s 68 landmarks (the face
   region the on-the-fly blended forgeries paste into); extends the issue's dict.
 - `landmarks` float32 [68,2]: (x, y) pixels of the target's 68 landmarks (face-api net);
@@ -12,8 +17,10 @@ Keys (all builders, all splits):
 - `label`   0 pristine / 1 forgery; `method` string ("pristine" or the swap method);
   `source_id`, `target_id` strings (identities; equal for pristine faces).
 
-Pristine examples have mask == 0 and source == target == image. Images are stored as PNG:
-lossless, so "image equals target outside the mask" holds bit for bit after decoding.
+Pristine examples: a real face is its own source, so EVERY pixel carries the source identity:
+mask == 255 everywhere, source == target == image, alpha 0 (nothing was mixed in). Forgeries
+equal their target wherever mask == 0. Images are stored as PNG: lossless, so "image equals
+target outside the mask" holds bit for bit after decoding.
 """
 
 import numpy as np
@@ -22,6 +29,9 @@ import tensorflow_datasets as tfds
 NUM_LANDMARKS = 68
 LABELS = ("pristine", "forgery")
 PRISTINE = "pristine"
+ALPHA_PRISTINE = 0.0
+ALPHA_SPLICE = 1.0
+ALPHA_UNKNOWN = -1.0  # datasets of learned swappers: the share is not known
 
 
 def features_dict(image_size: int) -> tfds.features.FeaturesDict:
@@ -35,6 +45,7 @@ def features_dict(image_size: int) -> tfds.features.FeaturesDict:
             "mask": tfds.features.Image(shape=gray, encoding_format="png"),
             "face_mask": tfds.features.Image(shape=gray, encoding_format="png"),
             "landmarks": tfds.features.Tensor(shape=(NUM_LANDMARKS, 2), dtype=np.float32),
+            "alpha": tfds.features.Tensor(shape=(), dtype=np.float32),
             "label": tfds.features.ClassLabel(names=LABELS),
             "method": tfds.features.Text(),
             "source_id": tfds.features.Text(),
@@ -59,15 +70,17 @@ def _gray(mask: np.ndarray) -> np.ndarray:
 def pristine_example(
     image: np.ndarray, face_mask: np.ndarray, landmarks: np.ndarray, identity: str
 ) -> dict:
-    """A real face: it is its own source and target; nothing was pasted (mask all 0)."""
+    """A real face: its own source and target, so every pixel carries the source (mask all
+    255); nothing was mixed in (alpha 0)."""
     image = to_uint8(image)
     return {
         "image": image,
         "source": image,
         "target": image,
-        "mask": np.zeros(image.shape[:2] + (1,), np.uint8),
+        "mask": np.full(image.shape[:2] + (1,), 255, np.uint8),
         "face_mask": _gray(face_mask),
         "landmarks": np.asarray(landmarks, np.float32),
+        "alpha": np.float32(ALPHA_PRISTINE),
         "label": 0,
         "method": PRISTINE,
         "source_id": identity,
@@ -85,11 +98,17 @@ def forgery_example(
     method: str,
     source_id: str,
     target_id: str,
+    alpha: float,
 ) -> dict:
-    """A face swap: `source`'s identity pasted into `target` inside `mask` (255 = source)."""
+    """A face swap: `source`'s identity pasted into `target` inside `mask` (255 = source);
+    `alpha`: the share of source texture there (1 splice, (0, 1) morph, -1 unknown)."""
     mask = _gray(mask)
     if not mask.any():
         raise ValueError(f"forgery {source_id} -> {target_id} ({method}) has an empty mask")
+    alpha = float(alpha)
+    if not (0.0 < alpha <= 1.0 or alpha == ALPHA_UNKNOWN):
+        raise ValueError(f"forgery {source_id} -> {target_id} ({method}): alpha {alpha} is "
+                         f"neither in (0, 1] nor {ALPHA_UNKNOWN} (unknown)")  # fmt: skip
     return {
         "image": to_uint8(image),
         "source": to_uint8(source),
@@ -97,6 +116,7 @@ def forgery_example(
         "mask": mask,
         "face_mask": _gray(face_mask),
         "landmarks": np.asarray(landmarks, np.float32),
+        "alpha": np.float32(alpha),
         "label": 1,
         "method": method,
         "source_id": source_id,

@@ -2,11 +2,14 @@
 
 `make_dataset` turns a dataset's examples (the feature dict of `features.py`) into batches of
 fixed-shape tensors, no strings:
-- `image`, `source`, `target` uint8 [B,S,S,3]; `mask` uint8 [B,S,S,1] (255 = source pixel;
-  a blended forgery's mask is its soft blend alpha);
+- `image`, `source`, `target` uint8 [B,S,S,3]; `mask` uint8 [B,S,S,1] (255 = pixel carries
+  source information; a forgery's mask is its soft blend region; a pristine face, its own
+  source, is 255 everywhere);
 - `label` int32 [B] (0 pristine, 1 forgery); `has_mask` float32 [B] (1.0: every example of
-  our datasets carries a true mask, pristine = all zero); `method_id` int32 [B] (index into
-  `METHODS`);
+  our datasets carries a true mask, pristine = all 255); `method_id` int32 [B] (index into
+  `METHODS`); `alpha` float32 [B] (share of source texture inside the region: 0 pristine,
+  1 splice, (0, 1) morph, -1 unknown; `features.py`; examples without the feature get 0 for
+  pristine and -1 for forgeries);
 - evaluation only: `valid` float32 [B] (0 for padding) and `index` int32 [B] (the example's
   position in `examples`, -1 for padding).
 
@@ -27,7 +30,9 @@ Training (`training=True`):
   max(count, PARTNER_CANDIDATES) partner candidates; each target takes the first candidate
   (cyclically from its own slot) of a different identity. Only if every candidate shares the
   target's identity (probability <= (largest identity share)^PARTNER_CANDIDATES; ~1e-17 on
-  LFW) is a same-identity partner used. Blend randomness is keyed by (seed, BI index).
+  LFW) is a same-identity partner used. Blend randomness is keyed by (seed, BI index),
+  including whether a BI forgery is a texture morph (probability `blended_morph_fraction`,
+  alpha ~ U[morph_alpha], method "morph_blended") or a splice ("blended", alpha 1).
 - A kind whose stream is empty in this process's shard (no pristine faces, no forgeries, or
   fewer than 2 blendable identities) is dropped from `mix` with a logged warning and the other
   fractions are renormalised; nothing usable at all is a ValueError.
@@ -61,7 +66,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_pipelines import blending
+from data_pipelines import blending, swap
 from dfrec_jax.batch import batch_sharding, normalize_batch  # noqa: F401  (re-exported)
 
 # Append only: ids are saved in metrics. Compared lower-case; unknown methods map to "other".
@@ -86,12 +91,17 @@ METHODS = (
     # FFHQ-E4S
     "e4s",
     "other",
+    # lfw_swap identity morphs and morphed BI forgeries (appended after "other": ids above
+    # stay what older metrics recorded)
+    "morph_blend",
+    blending.MORPH_METHOD,  # "morph_blended"
 )
 OTHER_METHOD_ID = METHODS.index("other")
 MIX_KINDS = ("pristine", "forgery", "blended")
+BLENDED_MORPH_FRACTION = 0.5  # config.data.blended_morph_fraction
 PARTNER_CANDIDATES = 16
 IMAGE_KEYS = {"image": 3, "source": 3, "target": 3, "mask": 1, "face_mask": 1}
-OUTPUT_KEYS = ("image", "source", "target", "mask", "label", "has_mask", "method_id")
+OUTPUT_KEYS = ("image", "source", "target", "mask", "label", "has_mask", "method_id", "alpha")
 EVAL_KEYS = OUTPUT_KEYS + ("valid", "index")
 _EPOCHS = 2**62  # "forever" for Dataset.range
 _META_BATCH = 1024
@@ -176,6 +186,13 @@ def method_ids(method: tf.Tensor) -> tf.Tensor:
     return table.lookup(tf.strings.lower(method))
 
 
+def _alpha(example: dict) -> tf.Tensor:
+    """float32 share of source texture; without the feature 0 (pristine) or -1 (unknown)."""
+    if "alpha" in example:
+        return tf.cast(example["alpha"], tf.float32)
+    return tf.where(tf.equal(tf.cast(example["label"], tf.int32), 0), 0.0, -1.0)
+
+
 def _standard(example: dict) -> dict:
     """The output fields of one decoded example (strings turned into method_id)."""
     return {
@@ -185,6 +202,7 @@ def _standard(example: dict) -> dict:
         "mask": example["mask"],
         "label": tf.cast(example["label"], tf.int32),
         "method_id": method_ids(example["method"]),
+        "alpha": _alpha(example),
     }
 
 
@@ -261,7 +279,19 @@ def _pick_partners(targets: dict, candidates: dict) -> dict:
     return {key: tf.gather(v, chosen) for key, v in candidates.items()}
 
 
-def _training(examples, meta, *, batch_size, seed, mix, flip, start_batch, shuffle_buffer):
+def _training(
+    examples,
+    meta,
+    *,
+    batch_size,
+    seed,
+    mix,
+    flip,
+    start_batch,
+    shuffle_buffer,
+    blended_morph_fraction,
+    morph_alpha,
+):
     size = meta["image_size"]
     labels, ids, blendable = meta["label"], meta["id"], meta["blendable"]
     available = {
@@ -324,7 +354,10 @@ def _training(examples, meta, *, batch_size, seed, mix, flip, start_batch, shuff
 
         def blend(index, pair):
             target, partner = (_decoded(x, size) for x in pair)
-            return _standard(blending.blend_pair(target, partner, _seed(bi_key, index)))
+            blended = blending.blend_pair(
+                target, partner, _seed(bi_key, index), blended_morph_fraction, morph_alpha
+            )
+            return _standard(blended)
 
         streams[MIX_KINDS.index("blended")] = pairs.enumerate(start_batch * n_bi).map(
             blend, num_parallel_calls=tf.data.AUTOTUNE
@@ -394,6 +427,7 @@ def _evaluation(examples, *, batch_size, seed, perturb, process_index, process_c
         "label": tf.constant(0, tf.int32),
         "has_mask": tf.constant(0.0),
         "method_id": tf.constant(OTHER_METHOD_ID, tf.int32),
+        "alpha": tf.constant(0.0),
         "valid": tf.constant(0.0),
         "index": tf.constant(-1, tf.int32),
     }
@@ -414,12 +448,16 @@ def make_dataset(
     process_count: int = 1,
     start_batch: int = 0,
     shuffle_buffer: int = 1024,
+    blended_morph_fraction: float = BLENDED_MORPH_FRACTION,
+    morph_alpha: tuple[float, float] = swap.MORPH_ALPHA,
 ) -> tf.data.Dataset:
     """Per-process batches of `examples` (see the module docstring for every rule).
 
     batch_size: this process's batch (global // process_count). mix: fractions of each
     training batch by kind (MIX_KINDS; default half pristine, half dataset forgeries).
     perturb: evaluation only, a `perturbations.parse` spec. start_batch: resume position.
+    blended_morph_fraction, morph_alpha: training only, the share of BI forgeries that are
+    texture morphs and their alpha range (`blending.blend_pair`).
     """
     _check_examples(examples)
     if batch_size < 1 or start_batch < 0 or shuffle_buffer < 1:
@@ -445,6 +483,8 @@ def make_dataset(
             flip=flip,
             start_batch=start_batch,
             shuffle_buffer=shuffle_buffer,
+            blended_morph_fraction=float(blended_morph_fraction),
+            morph_alpha=swap.check_alpha_range(morph_alpha),
         )
     else:
         ds = _evaluation(
@@ -470,8 +510,9 @@ def training_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> tf.data.Dataset:
-    """The training pipeline `config.data` describes (seed, mix, flip, shuffle buffer): the one
-    the trainer iterates and the input-pipeline bench times. batch_size: per process."""
+    """The training pipeline `config.data` describes (seed, mix, flip, shuffle buffer, BI
+    morphs): the one the trainer iterates and the input-pipeline bench times. batch_size: per
+    process."""
     return make_dataset(
         examples,
         batch_size=batch_size,
@@ -483,6 +524,8 @@ def training_dataset(
         process_count=process_count,
         start_batch=start_batch,
         shuffle_buffer=data_config.shuffle_buffer,
+        blended_morph_fraction=data_config.get("blended_morph_fraction", BLENDED_MORPH_FRACTION),
+        morph_alpha=tuple(data_config.get("morph_alpha", None) or swap.MORPH_ALPHA),
     )
 
 

@@ -58,6 +58,8 @@ _BATCH = flags.DEFINE_list(
     "batch", ["1", "8"], "bench: batch sizes (train_step: the config's batch unless given)"
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "bench: timed repetitions per batch size")
+_STEPS = flags.DEFINE_integer("steps", 300, "bench --what learning: training steps")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "bench --what learning: steps per report")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "train/eval/recover/export/bench: run folder (sweep: one per point)"
 )
@@ -216,6 +218,10 @@ def main(argv):
             if _WHAT.value == "recover" and not flags.FLAGS["batch"].present:
                 batch_sizes = [1, 8, 32]
             extra = {"workdir": _WORKDIR.value} if _WHAT.value == "recover" else {}
+            if _WHAT.value == "learning":
+                if not flags.FLAGS["batch"].present:
+                    batch_sizes = []  # the check's own batch (8)
+                extra = {"steps": _STEPS.value, "eval_every": _EVAL_EVERY.value}
             bench.run(
                 _WHAT.value, _CONFIG.value, batch_sizes=batch_sizes, repeats=_REPEATS.value, **extra
             )

@@ -1,7 +1,7 @@
 """`bench`: timings printed as one JSON object per measurement.
 
-    python -m dfrec_jax bench --what forward|input_pipeline|train_step|recover --config C
-        [--batch ..] [--workdir W]
+    python -m dfrec_jax bench --what forward|input_pipeline|train_step|recover|learning
+        --config C [--batch ..] [--workdir W] [--steps N --eval_every M]
 
 `train_step` times the real sharded train step (model + frozen loss nets + AdamW) on
 synthetic in-memory uint8 batches, so it needs no dataset and no TensorFlow: the same command
@@ -9,6 +9,11 @@ is the accelerator benchmark, run on a GPU/TPU machine it uses all of its device
 config.mesh; `--batch` = global batch sizes, e.g. `--batch 64,128`; `--config.model.dtype=
 bfloat16` for bf16 compute). It reports the step's FLOPs from XLA's cost analysis and the
 model FLOPs utilisation against the best f32 matmul throughput measured in the same process.
+
+`learning` is the learning check (dfrec_jax/learning.py): it overfits 32 fixed real examples
+(identity morphs + pristine faces) for `--steps` steps at batch `--batch` (default 8) and
+prints target IDSim vs the "None" row, pristine IDSim and mask IoU every `--eval_every`
+steps; the last line is the final report.
 
 `recover` times what a recovery does per batch on one device (host uint8 faces in, DFREC and
 the identity nets, every output back on the host) at batch 1/8/32 unless `--batch`;
@@ -182,7 +187,9 @@ def peak_matmul_tflops(mesh, sizes=None, repeats: int = 5, dtype=jnp.float32) ->
 def synthetic_batch(global_batch: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A deterministic uint8 training batch shaped like the input pipeline's (OUTPUT_KEYS):
     random source/target faces, an elliptical face mask, image = target pasted into source
-    under the mask for forgeries (label 1, has_mask 1) and = source for real faces (label 0)."""
+    under the mask for forgeries (label 1, alpha 1) and, for real faces (label 0, alpha 0),
+    image = source = target with mask 255 everywhere (a real face is its own source, the
+    datasets' convention); has_mask 1 for all."""
     rng = np.random.default_rng(seed)
     shape = (global_batch, image_size, image_size)
     source = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
@@ -192,7 +199,9 @@ def synthetic_batch(global_batch: int, image_size: int, seed: int = 0) -> dict[s
     radius = rng.uniform(0.25, 0.35, (global_batch, 2, 1, 1))
     inside = ((yy - centre[:, 0]) / radius[:, 0]) ** 2 + ((xx - centre[:, 1]) / radius[:, 1]) ** 2
     label = (np.arange(global_batch) % 2).astype(np.float32)  # half forgeries
-    mask = (inside <= 1.0) & (label[:, None, None] > 0)
+    real = label[:, None, None] == 0
+    target = np.where(real[..., None], source, target)
+    mask = (inside <= 1.0) | real
     image = np.where(mask[..., None], target, source)
     return {
         "image": image,
@@ -200,8 +209,9 @@ def synthetic_batch(global_batch: int, image_size: int, seed: int = 0) -> dict[s
         "target": target,
         "mask": (mask[..., None] * 255).astype(np.uint8),
         "label": label,
-        "has_mask": label.copy(),
+        "has_mask": np.ones_like(label),
         "method_id": np.zeros(global_batch, np.int32),
+        "alpha": label.copy(),
     }
 
 
@@ -408,11 +418,31 @@ def bench_recover(
     return results
 
 
+def bench_learning(
+    config, batch_sizes=(), repeats: int = 5, *, steps: int = 300, eval_every: int = 50
+) -> list[dict]:
+    """The learning check (dfrec_jax/learning.py): overfit 32 fixed real examples; its
+    progress lines are printed as it runs, the returned report is the last line."""
+    from dfrec_jax import learning
+
+    del repeats
+    batch = int(batch_sizes[0]) if batch_sizes else 8
+    report = learning.run_learning_check(
+        config, steps=steps, eval_every=eval_every, batch_size=batch, log=_print_flush
+    )
+    return [report]
+
+
+def _print_flush(line: str) -> None:
+    print(line, flush=True)
+
+
 BENCHES = {
     "forward": bench_forward,
     "input_pipeline": bench_input_pipeline,
     "train_step": bench_train_step,
     "recover": bench_recover,
+    "learning": bench_learning,
 }
 
 

@@ -15,7 +15,8 @@ from dfrec_jax import inference
 
 
 def first_image_per_person(root: str, count: int) -> list[str]:
-    """The first image of each of the first `count` people of an LFW-layout folder."""
+    """The first image of each of the first `count` people of an LFW-layout folder (every
+    person when count < 0)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"LFW folder not found: {root} (expected <root>/<Person>/<Person>_NNNN.jpg; "

@@ -13,6 +13,11 @@ Two variants, selected by ``variant``:
     ``K = int(N * mask_ratio)`` are masked. With a noisy, untrained map the
     masking is random; with a good map it masks the source-related patches
     (they always outrank the noise, since their weight is >= 0.5).
+    Uniform-map fallback (not in Algorithm 1, taken from the released rule):
+    if an image's mean patch weight reaches ``UNIFORM_MAP_MEAN`` (250/256,
+    the released threshold as a per-pixel mean), every patch gets U[0, 0.1)
+    noise and the masking is fully random. Without it a map that is ~1
+    everywhere (a pristine face, see below) would tie and mask the top rows.
 
 ``"official"`` -- the rule of the authors' released inference code. Each
     patch's weight is the SUM of the map over its pixels (0..p*p). If an
@@ -24,6 +29,13 @@ Two variants, selected by ``variant``:
     pixels); here both scale with the patch area (``thr * p*p / 256``) so that
     the same fraction of a patch triggers them at other patch sizes, and they
     equal the released values exactly at ``p = 16``.
+
+Pristine convention (shared with the data and the ISM): the map is the
+probability that a pixel carries the SOURCE identity, and a pristine face is its
+own source, so its true map is 1 everywhere (the data write mask 255 for
+pristine faces). The SIRM then sees the whole face (``image * seg``) and both
+variants fall back to fully random masking, so the TIRM reconstructs random
+patches of the real face from the visible ones and the identity features.
 
 Index convention: the released code applies the kept indices to a token
 sequence that starts with a class token, without a +1 offset, so it actually
@@ -45,6 +57,8 @@ VARIANTS = ("paper", "official")
 _OFFICIAL_ALL_RANDOM_THR = 250.0
 _OFFICIAL_LOW_THR = 50.0
 _OFFICIAL_PATCH_AREA = 256.0
+# Both variants: an image whose mean map value reaches this is "uniform" -> fully random masking.
+UNIFORM_MAP_MEAN = _OFFICIAL_ALL_RANDOM_THR / _OFFICIAL_PATCH_AREA
 
 
 @flax.struct.dataclass
@@ -134,10 +148,11 @@ def scatter_tokens(base: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Ar
 
 
 def _paper_order(seg: jax.Array, rng: jax.Array, patch_size: int) -> jax.Array:
-    """Patch order, most-to-be-masked first (Algorithm 1)."""
+    """Patch order, most-to-be-masked first (Algorithm 1 + the uniform-map fallback)."""
     w = patch_weights(seg, patch_size, "mean")
     noise = jax.random.uniform(rng, w.shape, minval=0.0, maxval=0.1)
-    w = jnp.where(w < 0.5, noise, w)
+    uniform = jnp.mean(w, axis=-1, keepdims=True) >= UNIFORM_MAP_MEAN
+    w = jnp.where(uniform | (w < 0.5), noise, w)
     return jnp.argsort(-w, axis=-1, stable=True)
 
 

@@ -114,10 +114,14 @@ def test_synthetic_batch_is_deterministic_and_shaped_like_the_pipeline():
     for key in ("image", "source", "target"):
         assert a[key].shape == (4, 32, 32, 3) and a[key].dtype == np.uint8
     assert a["mask"].shape == (4, 32, 32, 1) and a["mask"].dtype == np.uint8
-    assert a["label"].dtype == a["has_mask"].dtype == np.float32
+    assert a["label"].dtype == a["has_mask"].dtype == a["alpha"].dtype == np.float32
     np.testing.assert_array_equal(a["label"], [0, 1, 0, 1])
+    np.testing.assert_array_equal(a["alpha"], [0, 1, 0, 1])
     inside = a["mask"][..., 0] > 0
-    assert not inside[0].any() and not inside[2].any()  # real faces: no mask
+    assert inside[0].all() and inside[2].all()  # real faces: their own source, mask 255
+    for i in (0, 2):
+        np.testing.assert_array_equal(a["source"][i], a["image"][i])
+        np.testing.assert_array_equal(a["target"][i], a["image"][i])
     assert 0.1 < inside[1].mean() < 0.5  # a face-sized ellipse
     np.testing.assert_array_equal(a["image"][inside], a["target"][inside])
     np.testing.assert_array_equal(a["image"][~inside], a["source"][~inside])

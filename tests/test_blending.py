@@ -38,9 +38,10 @@ def example(faces, i, *, image=None, face_mask=None, label=0):
         "image": tf.constant(image),
         "source": tf.constant(image),
         "target": tf.constant(image),
-        "mask": tf.zeros([S, S, 1], tf.uint8),
+        "mask": tf.fill([S, S, 1], tf.constant(255, tf.uint8)),  # pristine: its own source
         "face_mask": tf.constant(masks[i] if face_mask is None else face_mask),
         "landmarks": tf.constant(points[i]),
+        "alpha": tf.constant(0.0),
         "label": tf.constant(label, tf.int64),
         "method": tf.constant("pristine"),
         "source_id": tf.constant(people[i]),
@@ -48,8 +49,10 @@ def example(faces, i, *, image=None, face_mask=None, label=0):
     }
 
 
-def blend(faces, t, p, seed, **kw):
-    out = blending.blend_pair(example(faces, t, **kw), example(faces, p), tf.constant(seed))
+def blend(faces, t, p, seed, morph_fraction=0.0, morph_alpha=blending.MORPH_ALPHA, **kw):
+    out = blending.blend_pair(
+        example(faces, t, **kw), example(faces, p), tf.constant(seed), morph_fraction, morph_alpha
+    )
     return {k: v.numpy() for k, v in out.items()}
 
 
@@ -63,6 +66,7 @@ def test_feature_dict_contract(faces):
         assert out[k].shape == target[k].shape, k
     assert out["label"].numpy() == 1
     assert out["method"].numpy() == blending.METHOD.encode()
+    assert out["alpha"].numpy() == 1.0  # a splice (morph_fraction defaults to 0)
     assert out["source_id"].numpy() == people[1].encode()
     assert out["target_id"].numpy() == people[0].encode()
     np.testing.assert_array_equal(out["source"], images[1])
@@ -172,3 +176,43 @@ def test_is_blendable(faces):
     assert not bool(blending.is_blendable(example(faces, 0, face_mask=empty)))
     ds = tf.data.Dataset.from_tensors(example(faces, 0)).filter(blending.is_blendable)
     assert len(list(ds)) == 1
+
+
+def test_morph_keeps_the_region_and_mixes_the_texture(faces):
+    """A morph with the same seed: the same mask as the splice (mask = region, whatever
+    alpha), target outside it bit for bit, and inside target + alpha * (splice - target)."""
+    lo, hi = blending.MORPH_ALPHA
+    for seed in ([0, 0], [7, 3]):
+        splice = blend(faces, 0, 1, seed)
+        morph = blend(faces, 0, 1, seed, morph_fraction=1.0)
+        assert morph["method"] == blending.MORPH_METHOD.encode()
+        alpha = float(morph["alpha"])
+        assert lo <= alpha <= hi and morph["alpha"].dtype == np.float32
+        np.testing.assert_array_equal(morph["mask"], splice["mask"])
+        outside = morph["mask"][..., 0] == 0
+        np.testing.assert_array_equal(morph["image"][outside], morph["target"][outside])
+        target = morph["target"].astype(np.float64)
+        expected = target + alpha * (splice["image"] - target)
+        assert np.abs(morph["image"] - expected).max() <= 1.5  # two roundings
+        inside = morph["mask"][..., 0] == 255
+        gap = {k: np.abs(v["image"].astype(int) - morph["target"])[inside].mean()
+               for k, v in (("morph", morph), ("splice", splice))}  # fmt: skip
+        assert 2.0 < gap["morph"] < 0.85 * gap["splice"], gap
+
+
+def test_morph_fraction_and_alpha_are_keyed_by_the_seed(faces):
+    draws = [blending.morph_draw(tf.constant([9, i], tf.int64), 0.5) for i in range(200)]
+    morph = np.array([bool(m) for m, _ in draws])
+    alpha = np.array([float(a) for _, a in draws])
+    assert 0.4 < morph.mean() < 0.6
+    np.testing.assert_array_equal(alpha[~morph], 1.0)
+    lo, hi = blending.MORPH_ALPHA
+    assert (alpha[morph] >= lo).all() and (alpha[morph] <= hi).all()
+    assert alpha[morph].std() > 0.03  # drawn, not constant
+    again = blending.morph_draw(tf.constant([9, 3], tf.int64), 0.5)
+    assert (bool(again[0]), float(again[1])) == (morph[3], alpha[3])
+    assert not any(bool(blending.morph_draw(tf.constant([9, i]), 0.0)[0]) for i in range(20))
+    with pytest.raises(ValueError, match="morph_fraction"):
+        blending.morph_draw(tf.constant([0, 0]), 1.5)
+    with pytest.raises(ValueError, match="morph_alpha"):
+        blending.morph_draw(tf.constant([0, 0]), 0.5, (0.0, 0.5))

@@ -76,6 +76,10 @@ def test_factory_maps_config_fields():
     data.update(dataset="lfw_swap", max_people=3, seed=5, methods=())
     config = datasets.get_builder(data).builder_config
     assert (config.max_people, config.seed, config.image_size) == (3, 5, 64)
+    assert (config.morph_fraction, config.morph_alpha) == (0.6, (0.6, 0.8))  # the defaults
+    data.update(morph_fraction=0.8, morph_alpha=(0.5, 0.7))
+    config = datasets.get_builder(data).builder_config
+    assert (config.morph_fraction, config.morph_alpha) == (0.8, (0.5, 0.7))
 
 
 def test_build_data_command_prints_split_sizes_and_skips(tmp_path):

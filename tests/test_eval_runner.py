@@ -211,7 +211,10 @@ def test_writes_every_field(clean, data, workdir):
     forged = examples["label"] == 1
     methods = [input_pipeline.METHODS[m] for m in sorted(set(examples["method_id"][forged]))]
     assert len(methods) >= 2, "the fixture should hold several forgery methods"
-    assert metrics["groups"] == methods + ["All"]
+    # lfw_swap holds identity morphs and splices: one column per kind before "All".
+    kinds = sorted({runner.forgery_kind(m) for m in methods} - {None})
+    kind_groups = [runner.KIND_GROUPS[k] for k in kinds] if len(kinds) > 1 else []
+    assert metrics["groups"] == methods + kind_groups + ["All"]
     per_method = {
         m: int(np.sum(forged & (examples["method_id"] == input_pipeline.METHODS.index(m))))
         for m in methods
@@ -230,7 +233,7 @@ def test_writes_every_field(clean, data, workdir):
     }
     assert metrics["config_hash"] == open(os.path.join(workdir, "config_hash.txt")).read().strip()
     assert metrics["split"] == "test" and metrics["perturb"] == ""
-    assert metrics["dataset"]["name"] == "lfw_swap/res32/1.0.0"
+    assert metrics["dataset"]["name"] == "lfw_swap/res32/2.0.0"
     assert metrics["dataset"]["split_examples"] == len(forged)
     assert metrics["paper_reference"]["values"]["CelebaMegaFS FTM"]["dfrec"] == 0.7192
     assert {"jax", "tensorflow", "python"} <= set(metrics["versions"])
@@ -247,7 +250,7 @@ def test_writes_every_field(clean, data, workdir):
             assert isinstance(cell["fid"], float) or (cell["fid"] is None and group != "All")
     table = open(os.path.join(folder, "table.md")).read()
     assert table == report.document(metrics)
-    assert f"| Method | {' | '.join(methods)} | All |" in table
+    assert f"| Method | {' | '.join(methods + kind_groups)} | All |" in table
 
 
 def test_none_row_matches_direct_computation(clean, data, nets):
@@ -518,3 +521,31 @@ def test_report_robustness_table():
     assert table[0] == ["gaussian_noise"] + [header for _, _, header, _ in report.ROBUSTNESS]
     assert [row[0] for row in table[2:]] == ["9.5", "10", "50"]  # numeric order
     assert table[2][1:3] == ["0.6600", "0.2000"]  # DFREC then None target IDSim, group All
+
+
+def test_forgery_kinds_get_their_own_columns():
+    # lfw_swap mixes identity morphs (target identity kept) and splices (none kept): eval adds
+    # one column per kind, over exactly that kind's forgeries (+ every pristine example for
+    # accuracy/AUC), between the per-method columns and "All".
+    assert runner.forgery_kind("morph_blend") == "morph"
+    assert runner.forgery_kind("hull_poisson") == runner.forgery_kind("blended") == "splice"
+    assert runner.forgery_kind("ftm") is None and runner.forgery_kind("pristine") is None
+    ids = {m: input_pipeline.METHODS.index(m) for m in ("pristine", "morph_blend", "hull_blend",
+                                                        "template_blend")}  # fmt: skip
+    method_id = np.array([ids["morph_blend"], ids["hull_blend"], ids["pristine"],
+                          ids["template_blend"], ids["morph_blend"], ids["pristine"]])  # fmt: skip
+    label = np.array([1, 1, 0, 1, 1, 0])
+    forged_ids = method_id[label == 1]
+    groups = runner._groups(
+        {"method_id": method_id, "label": label, "fid_method_id": forged_ids}
+    )
+    assert list(groups)[-3:] == ["Morphs (all)", "Splices (all)", "All"]
+    forged, population, fid_rows = groups["Morphs (all)"]
+    np.testing.assert_array_equal(forged, [1, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(population, [1, 0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(fid_rows, [1, 0, 0, 1])
+    np.testing.assert_array_equal(groups["Splices (all)"][0], [0, 1, 0, 1, 0, 0])
+    # One kind only (e.g. a dataset of learned swappers, or splices alone): no kind columns.
+    only = runner._groups({"method_id": method_id[1:4], "label": label[1:4],
+                           "fid_method_id": method_id[[1, 3]]})  # fmt: skip
+    assert not any(g.endswith("(all)") for g in only)

@@ -25,19 +25,21 @@ def _examples(n=N, labels=None, encode=False):
     if labels is None:
         labels = [int(i % 4 in (1, 2)) for i in range(n)]  # both labels in every shard of 2
     cols = {k: [] for k in ("image", "source", "target", "mask", "label", "method")}
-    cols.update(source_id=[], target_id=[])
+    cols.update(source_id=[], target_id=[], alpha=[])
     for i, label in enumerate(labels):
         face = rng.integers(0, 256, (S, S, 3), np.uint8)
         person = f"p{i // 2 % 10}"
-        if label == 0:
-            row = (face, face, face, np.zeros_like(face_mask), 0, "pristine", person, person)
+        if label == 0:  # pristine: its own source, mask 255 everywhere
+            full = np.full_like(face_mask, 255)
+            row = (face, face, face, full, 0, "pristine", person, person, 0.0)
         else:
             source = rng.integers(0, 256, (S, S, 3), np.uint8)
             image = np.where(face_mask > 0, source, face)
-            row = (image, source, face, face_mask, 1, "hull_blend", "other", person)
+            row = (image, source, face, face_mask, 1, "hull_blend", "other", person, 1.0)
         for k, v in zip(cols, row):
             cols[k].append(v)
     data = {k: np.stack(v) for k, v in cols.items()}
+    data["alpha"] = data["alpha"].astype(np.float32)
     data["face_mask"] = np.repeat(face_mask[None], n, 0)
     data["landmarks"] = np.zeros((n, 68, 2), np.float32)
     ds = tf.data.Dataset.from_tensor_slices(data)
@@ -92,22 +94,32 @@ def test_mix_counts_and_pattern():
 
 def test_training_batch_structure_and_mix():
     batches = fresh()
-    blended_id = ip.METHODS.index("blended")
+    blended_id, morph_id = ip.METHODS.index("blended"), ip.METHODS.index("morph_blended")
+    lo, hi = ip.swap.MORPH_ALPHA
+    bi_alphas = []
     for batch in batches:
         assert set(batch) == set(ip.OUTPUT_KEYS)
         for k in ("image", "source", "target"):
             assert batch[k].dtype == np.uint8 and batch[k].shape == (B, S, S, 3)
         assert batch["mask"].dtype == np.uint8 and batch["mask"].shape == (B, S, S, 1)
         assert batch["label"].dtype == np.int32 and batch["method_id"].dtype == np.int32
+        assert batch["alpha"].dtype == np.float32 and batch["alpha"].shape == (B,)
         np.testing.assert_array_equal(batch["has_mask"], np.ones(B, np.float32))
-        bi = batch["method_id"] == blended_id
+        bi = np.isin(batch["method_id"], [blended_id, morph_id])
         pristine = batch["label"] == 0
+        # alpha: 0 pristine, 1 the dataset's splices and BI splices, U[morph_alpha] BI morphs
+        np.testing.assert_array_equal(batch["alpha"][pristine], 0.0)
+        np.testing.assert_array_equal(batch["alpha"][~bi & ~pristine], 1.0)
+        np.testing.assert_array_equal(batch["alpha"][batch["method_id"] == blended_id], 1.0)
+        morphs = batch["alpha"][batch["method_id"] == morph_id]
+        assert ((morphs >= lo) & (morphs <= hi)).all()
+        bi_alphas += batch["alpha"][bi].tolist()
         assert (bi.sum(), pristine.sum(), (~bi & ~pristine).sum()) == (2, 2, 4)
         np.testing.assert_array_equal(batch["label"], (~pristine).astype(np.int32))
         for i in range(B):
             mask = batch["mask"][i]
-            if pristine[i]:  # pristine: no mask, source == target == image
-                assert not mask.any()
+            if pristine[i]:  # pristine: its own source (mask all 255), source == target == image
+                assert (mask == 255).all()
                 assert np.array_equal(batch["source"][i], batch["image"][i])
                 assert np.array_equal(batch["target"][i], batch["image"][i])
             else:  # image == target outside the mask, in every flip state
@@ -125,6 +137,40 @@ def test_training_batch_structure_and_mix():
                 assert DATA["target_id"][src] != DATA["target_id"][tgt]
     flipped = [_key(img) not in FACES for batch in batches for img in batch["target"]]
     assert 0.2 < np.mean(flipped) < 0.8  # random flips happen, about half the time
+    # blended_morph_fraction 0.5 (the default): both BI kinds occur among the 18 BI forgeries
+    assert 1.0 in bi_alphas and any(a < 1.0 for a in bi_alphas)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_blended_morph_fraction_sets_the_bi_kind(fraction):
+    batches = _train(n=3, blended_morph_fraction=fraction, morph_alpha=(0.3, 0.4))
+    ids = {ip.METHODS.index("blended"): "splice", ip.METHODS.index("morph_blended"): "morph"}
+    kinds, alphas = set(), []
+    for batch in batches:
+        for method_id, alpha in zip(batch["method_id"], batch["alpha"]):
+            if method_id in ids:
+                kinds.add(ids[method_id])
+                alphas.append(alpha)
+    assert len(alphas) == 6
+    if fraction == 0.0:
+        assert kinds == {"splice"} and set(alphas) == {1.0}
+    else:
+        assert kinds == {"morph"} and all(0.3 <= a <= 0.4 for a in alphas)
+        assert len(set(alphas)) == 6
+    # Only the BI kind depends on the fraction: the other examples are the same.
+    default = fresh()[:3]
+    for a, b in zip(batches, default):
+        keep = ~np.isin(b["method_id"], list(ids))
+        for k in ("image", "target", "mask", "alpha"):
+            np.testing.assert_array_equal(a[k][keep], b[k][keep])
+
+
+def test_examples_without_alpha_get_0_pristine_and_minus_1_forgeries():
+    bare = EXAMPLES.map(lambda e: {k: v for k, v in e.items() if k != "alpha"})
+    (batch,) = _train(bare, n=1, mix={"pristine": 0.5, "forgery": 0.5})
+    np.testing.assert_array_equal(batch["alpha"], np.where(batch["label"] == 0, 0.0, -1.0))
+    (ev, *_) = _eval(bare)
+    np.testing.assert_array_equal(ev["alpha"], np.where(DATA["label"][:B] == 0, 0.0, -1.0))
 
 
 def test_encoded_examples_give_the_same_batches():
@@ -174,10 +220,11 @@ def test_missing_kinds_renormalise_or_fail():
     forgeries_only, _ = _examples(n=12, labels=[1] * 12)
     (batch,) = _train(forgeries_only, n=1, batch_size=4)  # pristine + blended dropped
     np.testing.assert_array_equal(batch["label"], np.ones(4))
-    assert not (batch["method_id"] == ip.METHODS.index("blended")).any()
+    bi_ids = [ip.METHODS.index("blended"), ip.METHODS.index("morph_blended")]
+    assert not np.isin(batch["method_id"], bi_ids).any()
     pristine_only, _ = _examples(n=12, labels=[0] * 12)
-    (batch,) = _train(pristine_only, n=1, batch_size=4)  # forgery dropped: 1/3 + 2/3
-    assert sorted(batch["method_id"].tolist()) == [0, 0, 1, 1]
+    (batch,) = _train(pristine_only, n=1, batch_size=4, blended_morph_fraction=0.0)
+    assert sorted(batch["method_id"].tolist()) == [0, 0, 1, 1]  # forgery dropped: 1/3 + 2/3
     with pytest.raises(ValueError, match="no usable training examples"):
         _train(pristine_only, n=1, mix={"forgery": 1.0})
 

@@ -121,9 +121,11 @@ def test_every_example_is_consistent(tree, built):
         for e in items:
             assert e["image"].shape == (112, 112, 3) and e["mask"].shape == (112, 112, 1)
             assert e["face_mask"].any() and e["landmarks"].shape == (68, 2)
+            assert e["alpha"].dtype == np.float32 and e["alpha"].shape == ()
             if e["label"] == 0:
                 assert _text(e["method"]) == "pristine"
-                assert not e["mask"].any()
+                assert (e["mask"] == 255).all()  # its own source: every pixel carries it
+                assert e["alpha"] == 0.0
                 np.testing.assert_array_equal(e["source"], e["image"])
                 np.testing.assert_array_equal(e["target"], e["image"])
                 assert e["source_id"] == e["target_id"]
@@ -136,7 +138,12 @@ def test_every_example_is_consistent(tree, built):
                 assert np.abs(e["image"].astype(int) - e["target"])[inside].mean() > 4
                 assert e["source_id"] != e["target_id"]
                 assert not np.array_equal(e["source"], e["target"])
-    assert methods and methods <= set(swap.METHODS)
+                if _text(e["method"]) in swap.MORPH_METHODS:
+                    assert swap.MORPH_ALPHA[0] <= e["alpha"] <= swap.MORPH_ALPHA[1]
+                else:
+                    assert e["alpha"] == 1.0
+    assert methods <= set(swap.METHODS)
+    assert methods & set(swap.MORPH_METHODS) and methods & set(swap.SPLICE_METHODS)  # both kinds
 
 
 def test_images_are_the_lfw_files_bit_for_bit(tree, built):
@@ -205,7 +212,7 @@ def test_224_resizes_and_stays_exact(tree, tmp_path):
         assert e["landmarks"].max() > 150  # scaled to the 224 frame
         outside = e["mask"][..., 0] == 0
         np.testing.assert_array_equal(e["image"][outside], e["target"][outside])
-        assert (e["label"] == 1) == e["mask"].any()
+        assert (e["label"] == 0) == (e["mask"] == 255).all()
 
 
 def test_missing_folder_is_one_clear_error(tmp_path):
@@ -227,13 +234,35 @@ def test_config_names_follow_content_not_path():
         lfw_swap.make_config(forgeries_per_image=2).name,
         lfw_swap.make_config(methods=("hull_blend",)).name,
         lfw_swap.make_config(methods=tuple(reversed(swap.METHODS))).name,
+        lfw_swap.make_config(morph_fraction=0.5).name,
+        lfw_swap.make_config(morph_alpha=(0.5, 0.7)).name,
     }
-    assert len(names) == 5 and all(n.startswith("res112-") and len(n) == 15 for n in names)
+    assert len(names) == 7 and all(n.startswith("res112-") and len(n) == 15 for n in names)
+    # Equal content, equal name: floats and lists are normalised.
+    assert lfw_swap.make_config(morph_alpha=[0.6, 0.8], morph_fraction=0.6).name == "res112"
+    for bad in ({"morph_fraction": 1.5}, {"morph_alpha": (0.0, 0.5)}, {"morph_alpha": (0.9, 0.2)}):
+        with pytest.raises(ValueError, match="morph"):
+            lfw_swap.make_config(**bad)
     assert lfw_swap.make_config(seed=1).name == lfw_swap.make_config(seed=1, lfw_dir="/x").name
     with pytest.raises(ValueError, match="methods"):
         lfw_swap.make_config(methods=("nope",))
     with pytest.raises(ValueError, match="make_config"):
         lfw_swap.LfwSwap(config=lfw_swap.LfwSwapConfig(name="res112", seed=3), data_dir="/tmp")
+
+
+def test_default_forgeries_are_mostly_morphs():
+    """pick_method: a morph with probability morph_fraction when both kinds are listed."""
+    config = lfw_swap.make_config()
+    assert config.methods == swap.METHODS and set(swap.MORPH_METHODS) <= set(config.methods)
+    picks = [lfw_swap.pick_method(config.methods, config.morph_fraction,
+                                  np.random.default_rng([0, k])) for k in range(2000)]  # fmt: skip
+    share = np.mean([m in swap.MORPH_METHODS for m in picks])
+    assert config.morph_fraction == 0.6 and abs(share - 0.6) < 0.04
+    assert set(picks) == set(swap.METHODS)  # every splice still occurs
+    splices_only = {lfw_swap.pick_method(swap.SPLICE_METHODS, 0.6, np.random.default_rng(k))
+                    for k in range(50)}  # fmt: skip
+    assert splices_only == set(swap.SPLICE_METHODS)
+    assert lfw_swap.pick_method(("morph_blend",), 0.0, np.random.default_rng(0)) == "morph_blend"
 
 
 def test_plausibility_rejects_non_faces(built):

@@ -166,17 +166,25 @@ def test_cosine_all_zero_features_have_finite_gradient():
 def test_perceptual_and_attribute_formulas_match_numpy(nets, faces):
     rec = jnp.clip(faces + 0.2 * _noise(faces.shape, 3), 0.0, 1.0)
     fr, ft = nets.perceptual(rec), nets.perceptual(faces)
+
+    def unit(x):  # each position's channel vector scaled to unit length
+        x = np.asarray(x, np.float64)
+        return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
     ref = np.mean(
-        [np.mean((np.asarray(a) - np.asarray(b)) ** 2) for a, b in zip(fr, ft)]
+        [np.mean(np.sum((unit(a) - unit(b)) ** 2, axis=-1)) for a, b in zip(fr, ft)]
     )  # every sample has the same layer sizes, so the batch mean commutes
     np.testing.assert_allclose(perceptual_loss(nets.perceptual, rec, faces), ref, rtol=1e-5)
+    # Scale-free per layer: multiplying a network's features by 100 changes nothing.
+    scaled = lambda x: tuple(100.0 * f for f in nets.perceptual(x))  # noqa: E731
+    np.testing.assert_allclose(perceptual_loss(scaled, rec, faces), ref, rtol=1e-4)
 
     ar, at = np.asarray(nets.attribute(rec), np.float64), np.asarray(nets.attribute(faces))
     d = np.abs(ar - at)
     assert d.max() > 1.0 and d.min() < 1.0  # both branches of the smooth L1 are exercised
     smooth_l1 = np.where(d < 1.0, 0.5 * d**2, d - 0.5)
-    np.testing.assert_allclose(
-        attribute_loss(nets.attribute, rec, faces), smooth_l1.mean(), rtol=1e-5
+    np.testing.assert_allclose(  # summed over the A outputs, averaged over the batch
+        attribute_loss(nets.attribute, rec, faces), smooth_l1.sum(-1).mean(), rtol=1e-5
     )
 
 
@@ -197,12 +205,14 @@ def test_patch_loss_explicit_numbers():
     target = np.full((1, 4, 4, 3), 0.5, np.float32)
     pred = np.stack([np.full(12, 0.5), np.zeros(12)])[None].astype(np.float32)  # [1, 2, 12]
     mask_idx = np.array([[1, 2]], np.int32)
-    # patch 1: error 0; patch 2: 12 values * 0.25 = 3.0; mean over K=2 -> 1.5; / 12 -> 0.125.
-    np.testing.assert_allclose(patch_recovery_loss(pred, target, mask_idx, 2), 0.125, rtol=1e-6)
+    # patch 1: distance 0 (sqrt(1e-8) = 1e-4); patch 2: sqrt(12 values * 0.25) = sqrt(3);
+    # mean over K = 2.
+    want = (1e-4 + np.sqrt(3.0 + 1e-8)) / 2
+    np.testing.assert_allclose(patch_recovery_loss(pred, target, mask_idx, 2), want, rtol=1e-6)
 
 
 def _ref_patch_loss(pred, target, mask_idx, p):
-    """Loop reference: sum of squares over a patch / (K * p*p*3), then batch mean."""
+    """Loop reference (Eq. 9): L2 distance per masked patch, mean over K, then batch mean."""
     b, h, w, c = target.shape
     out = []
     for bi in range(b):
@@ -210,8 +220,8 @@ def _ref_patch_loss(pred, target, mask_idx, p):
         for k, idx in enumerate(mask_idx[bi]):
             r, col = divmod(int(idx), w // p)
             patch = target[bi, r * p : (r + 1) * p, col * p : (col + 1) * p, :].reshape(-1)
-            total += float(np.sum((pred[bi, k].astype(np.float64) - patch) ** 2))
-        out.append(total / (len(mask_idx[bi]) * p * p * c))
+            total += np.sqrt(float(np.sum((pred[bi, k].astype(np.float64) - patch) ** 2)) + 1e-8)
+        out.append(total / len(mask_idx[bi]))
     return float(np.mean(out))
 
 
@@ -224,7 +234,7 @@ def test_patch_loss_matches_numpy_reference():
     np.testing.assert_allclose(got, _ref_patch_loss(pred, target, mask_idx, 4), rtol=1e-6)
     # Exactly zero when the predictions are the true patches, and monotone in noise.
     true = masking.take_tokens(masking.patchify(jnp.asarray(target), 4), mask_idx)
-    assert float(patch_recovery_loss(true, target, mask_idx, 4)) == 0.0
+    np.testing.assert_allclose(float(patch_recovery_loss(true, target, mask_idx, 4)), 1e-4)
     n = _noise(true.shape, 4)
     vals = [float(patch_recovery_loss(true + s * n, target, mask_idx, 4)) for s in NOISE_LEVELS]
     assert vals[0] < vals[1] < vals[2], vals
@@ -304,36 +314,51 @@ def _outputs_and_batch(faces, corrupt=0.1):
 
 
 WEIGHTS = LossWeights(
-    identity=0.7, perceptual=1.3, attribute=2.1, patch=3.0, mask=0.4, classification=0.9
+    identity=0.7,
+    perceptual=1.3,
+    attribute=2.1,
+    patch=3.0,
+    mask=0.4,
+    classification=0.9,
+    identity_target=1.7,
+    perceptual_target=2.5,
 )
 
-EXPECTED_KEYS = {
+WEIGHTED_TERMS = (
     "identity/source",
     "identity/target",
-    "identity_features/source",
-    "identity_features/target",
-    "identity_embedding/source",
-    "identity_embedding/target",
     "perceptual/source",
     "perceptual/target",
     "attribute/target",
     "patch/target",
     "mask",
     "classification",
-    "total",
-}
+)
+EXPECTED_KEYS = (
+    set(WEIGHTED_TERMS)
+    | {f"share/{k}" for k in WEIGHTED_TERMS}
+    | {
+        "identity_features/source",
+        "identity_features/target",
+        "identity_embedding/source",
+        "identity_embedding/target",
+        "total",
+    }
+)
 
 
 def test_default_weights():
     w = LossWeights()
+    # Eq. 10: identity 1, the other three 0.5; Eq. 4 / 7: target identity and perceptual x2.
     assert (w.identity, w.perceptual, w.attribute, w.patch, w.mask, w.classification) == (
+        1.0,
         0.5,
         0.5,
-        2.0,
-        2.0,
+        0.5,
         0.0,
         0.0,
     )
+    assert (w.identity_target, w.perceptual_target) == (2.0, 2.0)
 
 
 def test_total_is_weighted_sum_of_terms_and_jits(nets, faces):
@@ -359,15 +384,21 @@ def test_total_is_weighted_sum_of_terms_and_jits(nets, faces):
     for k, v in terms.items():
         assert float(v) > 0, k
         np.testing.assert_allclose(metrics[k], v, rtol=1e-5, err_msg=k)
-    manual = (
-        WEIGHTS.identity * (terms["identity/source"] + terms["identity/target"])
-        + WEIGHTS.perceptual * (terms["perceptual/source"] + terms["perceptual/target"])
-        + WEIGHTS.attribute * terms["attribute/target"]
-        + WEIGHTS.patch * terms["patch/target"]
-        + WEIGHTS.mask * terms["mask"]
-        + WEIGHTS.classification * terms["classification"]
-    )
+    weighted = {
+        "identity/source": WEIGHTS.identity * terms["identity/source"],
+        "identity/target": WEIGHTS.identity * 1.7 * terms["identity/target"],
+        "perceptual/source": WEIGHTS.perceptual * terms["perceptual/source"],
+        "perceptual/target": WEIGHTS.perceptual * 2.5 * terms["perceptual/target"],
+        "attribute/target": WEIGHTS.attribute * terms["attribute/target"],
+        "patch/target": WEIGHTS.patch * terms["patch/target"],
+        "mask": WEIGHTS.mask * terms["mask"],
+        "classification": WEIGHTS.classification * terms["classification"],
+    }
+    manual = sum(weighted.values())
     np.testing.assert_allclose(loss, manual, rtol=1e-5)
+    for k, v in weighted.items():  # each term's share of the total, summing to 1
+        np.testing.assert_allclose(metrics[f"share/{k}"], v / manual, rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(sum(float(metrics[f"share/{k}"]) for k in weighted), 1.0, rtol=1e-5)
     np.testing.assert_allclose(metrics["total"], loss, rtol=0)
     # jit and eager agree.
     eager_loss, _ = total_loss(outputs, batch, nets, WEIGHTS)
@@ -380,7 +411,7 @@ def test_total_recovery_terms_vanish_for_perfect_recovery(nets, faces):
     for k in ("identity/source", "identity/target", "perceptual/source", "perceptual/target"):
         assert abs(float(metrics[k])) < 1e-5, (k, metrics[k])
     assert float(metrics["attribute/target"]) < 1e-6
-    assert float(metrics["patch/target"]) == 0.0
+    assert float(metrics["patch/target"]) < 1e-3  # sqrt(1e-8) per patch
 
 
 def test_total_without_attribute_net_or_masks(net_vars, faces):

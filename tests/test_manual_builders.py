@@ -43,21 +43,24 @@ def iou(a, b) -> float:
 
 
 def check_example(ex: dict, size: int = 224) -> None:
-    """The features contract: pristine = nothing pasted; forgery = target outside the mask."""
+    """The features contract: pristine = its own source (mask 255 everywhere, alpha 0);
+    forgery = target outside the mask, alpha -1 (learned swappers: unknown)."""
     assert ex["image"].shape == ex["source"].shape == ex["target"].shape == (size, size, 3)
     assert ex["mask"].shape == ex["face_mask"].shape == (size, size, 1)
     assert set(np.unique(ex["mask"])) <= {0, 255}
+    assert ex["alpha"].dtype == np.float32 and ex["alpha"].shape == ()
     assert ex["face_mask"].mean() > 0.15 * 255  # the landmark hull of a face filling the crop
     assert np.isfinite(ex["landmarks"]).all()
     assert (ex["landmarks"] > -0.1 * size).all() and (ex["landmarks"] < 1.1 * size).all()
     if ex["label"] == 0:
         assert ex["method"] == b"pristine"
-        assert not ex["mask"].any()
+        assert (ex["mask"] == 255).all() and ex["alpha"] == 0.0
         np.testing.assert_array_equal(ex["source"], ex["image"])
         np.testing.assert_array_equal(ex["target"], ex["image"])
         assert ex["source_id"] == ex["target_id"]
         return
     assert ex["label"] == 1 and ex["method"] != b"pristine"
+    assert ex["alpha"] == -1.0
     assert ex["source_id"] != ex["target_id"]
     mask = ex["mask"][..., 0] > 0
     assert 0.1 < mask.mean() < 0.6

@@ -50,12 +50,14 @@ def ref_patch_weights(seg, p, reduce):
 
 
 def ref_paper(seg, noise, p, k):
-    """Algorithm 1: mean, < 0.5 -> noise, sort descending, mask the top K."""
+    """Algorithm 1: mean, < 0.5 -> noise, sort descending, mask the top K; all noise when the
+    image's mean weight is >= 250/256 (uniform-map fallback)."""
     w = ref_patch_weights(seg, p, "mean")
     masks, keeps = [], []
     for b in range(w.shape[0]):
         n = w.shape[1]
-        wp = [float(noise[b, i]) if w[b, i] < 0.5 else w[b, i] for i in range(n)]
+        uniform = w[b].mean() >= 250.0 / 256.0
+        wp = [float(noise[b, i]) if uniform or w[b, i] < 0.5 else w[b, i] for i in range(n)]
         order = sorted(range(n), key=lambda i: -wp[i])  # Python sort is stable.
         masks.append(order[:k])
         keeps.append(order[k:])
@@ -381,6 +383,46 @@ def test_official_low_sum_patches_get_noise():
     np.testing.assert_array_equal(np.concatenate([keep_idx[0], mask_idx[0]]), want)
     # The noise really decides the order among the low patches.
     assert sorted(low, key=lambda i: noise[i]) != sorted(low)
+
+
+# ----------------------------------------------------------------------------
+# Pristine faces: the map is ~1 everywhere; both variants mask at random.
+# ----------------------------------------------------------------------------
+def _paper_noise_order(rng, b, n):
+    return np.argsort(-module_noise("paper", rng, b, n), axis=-1, kind="stable")
+
+
+@pytest.mark.parametrize("level", [250, 256])
+def test_paper_uniform_map_is_pure_noise(level):
+    # A pristine face's map (>= 250/256 on average): the top-rows tie of Algorithm 1 is
+    # replaced by fully random masking.
+    seg = jnp.full((2, 112, 112), level / 256.0, jnp.float32)
+    rng = jax.random.key(level)
+    mask_idx, keep_idx, _ = _to_np(_fn("paper", 8, 0.5)(seg, rng))
+    order = _paper_noise_order(rng, 2, 196)
+    np.testing.assert_array_equal(mask_idx, order[:, :98])
+    np.testing.assert_array_equal(keep_idx, order[:, 98:])
+    assert not np.array_equal(np.sort(mask_idx[0]), np.arange(98))  # not the top rows
+
+
+def test_paper_structured_map_below_uniform_masks_high_patches():
+    # Mean (1 + 243/256) / 2 < 250/256: no fallback, the all-ones half is masked.
+    seg, high = _half_high_map(np.random.default_rng(3), low_sum=243)
+    mask_idx, _, _ = _to_np(_fn("paper", 16, 0.5)(jnp.asarray(seg[None]), jax.random.key(0)))
+    np.testing.assert_array_equal(np.sort(mask_idx[0]), high)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_uniform_fallback_is_per_image_and_varies_with_rng(variant):
+    np_rng = np.random.default_rng(5)
+    forged, high = _half_high_map(np_rng, low_sum=0)  # face region 1, rest 0
+    pristine = np.ones_like(forged)
+    seg = jnp.asarray(np.stack([forged, pristine]))
+    masks = [_to_np(_fn(variant, 16, 0.5)(seg, jax.random.key(s)))[0] for s in range(3)]
+    for m in masks:  # the forgery's masked patches are its source region, whatever the rng
+        np.testing.assert_array_equal(np.sort(m[0]), high)
+    # the pristine face's masked patches change with the rng (fully random masking)
+    assert len({tuple(np.sort(m[1])) for m in masks}) == 3
 
 
 # ----------------------------------------------------------------------------

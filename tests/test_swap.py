@@ -199,3 +199,80 @@ def test_bad_arguments_are_refused(faces):
         swap.swap_faces(images[0], images[1][:, :100], points[0], points[1], "hull_blend", rng)
     with pytest.raises(ValueError, match="uint8"):
         swap.swap_faces(images[0] / 255.0, images[1], points[0], points[1], "hull_blend", rng)
+
+
+# ----------------------------------------------------------------------------- morphs
+
+
+def test_alpha_per_kind(faces):
+    images, points = faces
+    args = (images[1], images[4], points[1], points[4])
+    for method in swap.SPLICE_METHODS:
+        assert swap.swap_faces(*args, method, np.random.default_rng(0)).alpha == 1.0
+    drawn = [swap.swap_faces(*args, "morph_blend", np.random.default_rng(k)).alpha
+             for k in range(8)]  # fmt: skip
+    lo, hi = swap.MORPH_ALPHA
+    assert all(lo <= a <= hi for a in drawn) and len(set(drawn)) == 8
+    fixed = swap.swap_faces(*args, "morph_blend", np.random.default_rng(0), morph_alpha=(0.3, 0.3))
+    assert fixed.alpha == 0.3
+    with pytest.raises(ValueError, match="morph_alpha"):
+        swap.swap_faces(*args, "morph_blend", np.random.default_rng(0), morph_alpha=(0.8, 0.2))
+
+
+def test_morph_mask_is_the_region_and_alpha_only_scales_the_texture(faces):
+    """Same rng: the same feathered region for any alpha (mask independent of alpha), and the
+    forgery is target + alpha * (full-texture morph - target) up to rounding."""
+    images, points = faces
+    args = (images[2], images[5], points[2], points[5], "morph_blend")
+    full = swap.swap_faces(*args, np.random.default_rng(3), morph_alpha=(1.0, 1.0))
+    for alpha in (0.25, 0.7):
+        part = swap.swap_faces(*args, np.random.default_rng(3), morph_alpha=(alpha, alpha))
+        assert part.mask.tobytes() == full.mask.tobytes()
+        target = images[2].astype(np.float64)
+        expected = target + alpha * (full.image.astype(np.float64) - target)
+        assert np.abs(part.image - expected).max() <= 1.5  # two uint8 roundings
+
+
+def test_morph_is_closer_to_the_target_than_a_splice(faces):
+    """hull_blend and morph_blend draw the same region and blur from the same rng (they can
+    differ only where a warp reads outside the source), so the difference is the warp and
+    the texture mix."""
+    images, points = faces
+    morph_gap, splice_gap = [], []
+    for seed, (t, s) in enumerate(_pairs()):
+        args = (images[t], images[s], points[t], points[s])
+        morph = swap.swap_faces(*args, "morph_blend", np.random.default_rng(seed))
+        splice = swap.swap_faces(*args, "hull_blend", np.random.default_rng(seed))
+        inside = (morph.mask[..., 0] >= 128) & (splice.mask[..., 0] >= 128)
+        assert inside.sum() > 0.9 * (morph.mask[..., 0] >= 128).sum()
+        for out, gaps in ((morph, morph_gap), (splice, splice_gap)):
+            gaps.append(np.abs(out.image.astype(int) - images[t].astype(int))[inside].mean())
+    assert np.mean(morph_gap) < 0.85 * np.mean(splice_gap), (morph_gap, splice_gap)
+    assert min(morph_gap) > 2.0  # still visibly another face
+
+
+def test_piecewise_affine_warp_puts_source_landmarks_on_the_target_landmarks(faces):
+    """Warp an image of its own pixel coordinates: at each target landmark the warped image
+    reads the matching source landmark's position (the target's pose and expression)."""
+    _, points = faces
+    size = 112
+    grid = np.mgrid[:size, :size].astype(np.float32)
+    coords = np.stack([grid[1], grid[0]], -1)  # (x, y) of every source pixel
+    for t, s in _pairs()[:3]:
+        matrix = swap.similarity(points[s], points[t])
+        warped, inside = swap.piecewise_affine_warp(coords, points[s], points[t], matrix, size)
+        assert warped.shape == (size, size, 2) and inside.dtype == np.uint8
+        pixel = np.clip(np.round(points[t]).astype(int), 0, size - 1)
+        read = warped[pixel[:, 1], pixel[:, 0]]
+        # The nearest pixel centre is up to 0.71 px from the landmark; the local affine map
+        # scales that offset (faces of similar size after alignment).
+        error = np.linalg.norm(read - points[s], axis=1)
+        assert np.median(error) < 1.0 and np.percentile(error, 90) < 2.0, error
+        # Piecewise affine and continuous: no tears between neighbouring pixels (where both
+        # read inside the source; outside it the reflected border folds the coordinates).
+        ok = inside.astype(bool)
+        for axis in (0, 1):
+            step = np.linalg.norm(np.diff(warped, axis=axis), axis=-1)
+            both = ok[1:, :] & ok[:-1, :] if axis == 0 else ok[:, 1:] & ok[:, :-1]
+            assert both.mean() > 0.5 and step[both].max() < 8.0  # local stretch only
+            assert np.median(step[both]) < 1.5

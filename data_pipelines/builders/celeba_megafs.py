@@ -32,7 +32,8 @@ different splits).
 Examples: each swap (label 1, `method` = FTM / IDInjection / LCR) with its true target and
 source originals, all resized to `image_size` (the images are already aligned faces, no
 re-alignment); `mask` is derived from |swap - target| (no ground-truth masks are released;
-see paired_images' docstring). Each original used as a target is also a pristine example.
+see paired_images' docstring); `alpha` is -1.0 (unknown). Each original used as a target is
+also a pristine example (mask 255 everywhere, alpha 0; `features.py`).
 Bad files (empty, corrupt, truncated, grayscale, CMYK, 16-bit, non-image, not square), missing
 originals and unparseable names are skipped and counted: `builder.skip_summary()`.
 """
@@ -79,7 +80,8 @@ class CelebaMegafs(paired_images.PairedImageBuilder):
     """CelebA-HQ face swaps by MegaFS (FTM, IDInjection, LCR) with true sources and targets."""
 
     name = "celeba_megafs"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = paired_images.RELEASE_NOTES
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
     LAYOUT = LAYOUT

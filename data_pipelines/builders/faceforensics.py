@@ -31,7 +31,9 @@ Per example (`frames_per_video` frames per video, evenly spaced: round(linspace(
 - `mask` is the mask video's frame (any channel > `mask_threshold`) when the method ships
   masks, else derived from |fake - target| (paired_images.derive_mask);
 - landmarks (face-api 68 points) of the target crop; face_mask = hull of the fake's landmarks.
-Pristine examples (`include_pristine`): the original videos' aligned frames, label 0.
+- `alpha` is -1.0 (unknown: a learned or graphics swapper, the texture share is not known).
+Pristine examples (`include_pristine`): the original videos' aligned frames, label 0, mask
+255 everywhere (a real face is its own source; `features.py`), alpha 0.
 
 Splits: the official json; a video pair's two ids share a split, and every fake goes to the
 split of its ids ("validation" for val.json). Skipped and counted per split
@@ -248,7 +250,8 @@ class FaceForensics(paired_images.ManualBuilder):
     """FaceForensics++ fake frames aligned with their true target and source faces."""
 
     name = "faceforensics"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = paired_images.RELEASE_NOTES
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
     LAYOUT = LAYOUT

@@ -26,8 +26,9 @@ is skipped as "cross-split pair".
 
 Examples: each swap (label 1) with its true target and source originals resized to
 `image_size` (FFHQ images are aligned faces; no re-alignment); `mask` derived from
-|swap - target| (no ground truth; see paired_images' docstring); each original used as a
-target is also a pristine example. Bad files, missing originals and unparseable names are
+|swap - target| (no ground truth; see paired_images' docstring); `alpha` -1.0 (unknown);
+each original used as a target is also a pristine example (mask 255 everywhere, alpha 0;
+`features.py`). Bad files, missing originals and unparseable names are
 skipped and counted: `builder.skip_summary()`.
 """
 
@@ -64,7 +65,8 @@ class FfhqE4s(paired_images.PairedImageBuilder):
     """FFHQ face swaps by E4S with their true sources and targets."""
 
     name = "ffhq_e4s"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = paired_images.RELEASE_NOTES
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
     LAYOUT = LAYOUT

@@ -11,26 +11,36 @@ splits; `max_people` > 0 keeps the first people in name order):
    (created once per process). Implausible landmarks are skipped as "no face found"
    (`plausible_landmarks`: points inside the image, a hull of 10-95% of it, the 5 keypoints
    within 15% of the side of ArcFace's template, as the folder holds ArcFace-aligned crops).
-3. For each usable image: one pristine example, and `forgeries_per_image` forgeries with
+3. For each usable image: one pristine example (mask 255 everywhere, alpha 0:
+   `features.pristine_example`), and `forgeries_per_image` forgeries with
    rng = np.random.default_rng([seed, sha256("<Person>/<file>") as int, j]) drawing the
    partner person uniformly among the split's other people, then one of their images
-   uniformly, then the method uniformly from `methods`, then the swap's own randomness
-   (`data_pipelines.swap`). No other person in the split => "missing partner"; a swap whose
-   mask is empty => "empty mask".
+   uniformly, then the method (`pick_method`: when `methods` holds both kinds, a morph with
+   probability `morph_fraction`, else a splice, then uniformly among that kind's methods in
+   `methods`; with one kind only, uniformly from `methods`), then the swap's own randomness
+   (`data_pipelines.swap`, morph alpha ~ U[morph_alpha]). No other person in the split =>
+   "missing partner"; a swap whose mask is empty => "empty mask". Each forgery stores its
+   `alpha` (1.0 for splices, the drawn alpha for morphs).
 4. Sizes other than 112 (224 for the paper): images resized bicubically (cv2.INTER_CUBIC),
    landmarks scaled, and the swap synthesised at the final size, so `image == target` exactly
    where `mask == 0` holds at every size.
 
 Skip counts per split are stored in the dataset's metadata
-(`<data_dir>/lfw_swap/<config>/1.0.0/metadata.json`: `{"skipped": {split: {reason: n}},
+(`<data_dir>/lfw_swap/<config>/2.0.0/metadata.json`: `{"skipped": {split: {reason: n}},
 "lfw_dir": path}`) and returned by `LfwSwap.skip_summary()`. A split left with no usable face
 is left out of the dataset (tfds cannot write an empty split); its skips are still recorded.
 
+Defaults: methods = every `swap.METHODS` (4 splices + `morph_blend`), morph_fraction 0.6,
+morph_alpha `swap.MORPH_ALPHA` = (0.6, 0.8): about 60% of the forgeries are morphs, which keep
+part of the target's identity (the alpha-blend splices keep little, `hull_poisson` more:
+measurements in `swap`'s docstring).
+
 Config names: `res{size}` for the default content, `res{size}-<8 hex>` otherwise (a hash of the
-non-default content fields: seed, max_people, forgeries_per_image, methods), so different
-content never shares a data_dir folder. `lfw_dir` is deliberately not in the name: the same
-faces at another path are the same dataset (a folder with different faces at the same config
-is the user's responsibility; the path used is recorded in the metadata as `lfw_dir`).
+non-default content fields: seed, max_people, forgeries_per_image, methods, morph_fraction,
+morph_alpha), so different content never shares a data_dir folder. `lfw_dir` is deliberately
+not in the name: the same faces at another path are the same dataset (a folder with different
+faces at the same config is the user's responsibility; the path used is recorded in the
+metadata as `lfw_dir`).
 """
 
 import dataclasses
@@ -54,6 +64,7 @@ LAYOUT = splits.LFW_LAYOUT
 MIN_HULL_FRACTION, MAX_HULL_FRACTION = 0.10, 0.95
 MAX_OUTSIDE = 0.10  # landmarks may lie this fraction of the side outside the image
 MAX_KEYPOINT_DEVIATION = 0.15  # of the side, from ArcFace's 5-point template
+MORPH_FRACTION = 0.6  # share of forgeries that are morphs (when methods holds both kinds)
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,17 +77,30 @@ class LfwSwapConfig(tfds.core.BuilderConfig):
     max_people: int = 0  # 0 = all
     forgeries_per_image: int = 1
     methods: tuple[str, ...] = swap.METHODS
+    morph_fraction: float = MORPH_FRACTION
+    morph_alpha: tuple[float, float] = swap.MORPH_ALPHA
 
 
-_CONTENT_DEFAULTS = {"seed": 0, "max_people": 0, "forgeries_per_image": 1, "methods": swap.METHODS}
+_CONTENT_DEFAULTS = {
+    "seed": 0,
+    "max_people": 0,
+    "forgeries_per_image": 1,
+    "methods": swap.METHODS,
+    "morph_fraction": MORPH_FRACTION,
+    "morph_alpha": swap.MORPH_ALPHA,
+}
 
 
-def _content_name(image_size: int, seed, max_people, forgeries_per_image, methods) -> str:
+def _content_name(
+    image_size: int, seed, max_people, forgeries_per_image, methods, morph_fraction, morph_alpha
+) -> str:
     content = {
         "seed": seed,
         "max_people": max_people,
         "forgeries_per_image": forgeries_per_image,
         "methods": tuple(methods),
+        "morph_fraction": float(morph_fraction),
+        "morph_alpha": tuple(float(a) for a in morph_alpha),
     }
     changed = {k: v for k, v in content.items() if v != _CONTENT_DEFAULTS[k]}
     if not changed:
@@ -93,12 +117,18 @@ def make_config(
     max_people: int = 0,
     forgeries_per_image: int = 1,
     methods: tuple[str, ...] | None = None,
+    morph_fraction: float = MORPH_FRACTION,
+    morph_alpha: tuple[float, float] | None = None,
 ) -> LfwSwapConfig:
     """A validated, content-named config (see the module docstring for the naming rule)."""
     methods = swap.METHODS if methods is None else tuple(methods)
     unknown = [m for m in methods if m not in swap.METHODS]
     if not methods or unknown:
         raise ValueError(f"lfw_swap methods must be a non-empty subset of {swap.METHODS}")
+    morph_alpha = swap.check_alpha_range(swap.MORPH_ALPHA if morph_alpha is None else morph_alpha)
+    morph_fraction = float(morph_fraction)
+    if not 0.0 <= morph_fraction <= 1.0:
+        raise ValueError(f"lfw_swap morph_fraction must be in [0, 1], got {morph_fraction}")
     if int(image_size) < 32:
         raise ValueError(f"lfw_swap image_size must be >= 32, got {image_size}")
     for name, value in (("seed", seed), ("max_people", max_people),
@@ -108,10 +138,13 @@ def make_config(
     image_size, seed, max_people = int(image_size), int(seed), int(max_people)
     forgeries_per_image = int(forgeries_per_image)
     return LfwSwapConfig(
-        name=_content_name(image_size, seed, max_people, forgeries_per_image, methods),
+        name=_content_name(
+            image_size, seed, max_people, forgeries_per_image, methods, morph_fraction, morph_alpha
+        ),
         description=(
             f"{image_size}x{image_size}; seed {seed}; max_people {max_people or 'all'}; "
-            f"{forgeries_per_image} forgeries per image; methods {', '.join(methods)}"
+            f"{forgeries_per_image} forgeries per image; methods {', '.join(methods)}; "
+            f"morph fraction {morph_fraction:g}, morph alpha {morph_alpha[0]:g}-{morph_alpha[1]:g}"
         ),
         image_size=image_size,
         lfw_dir=lfw_dir or None,
@@ -119,7 +152,20 @@ def make_config(
         max_people=max_people,
         forgeries_per_image=forgeries_per_image,
         methods=methods,
+        morph_fraction=morph_fraction,
+        morph_alpha=morph_alpha,
     )
+
+
+def pick_method(methods: tuple[str, ...], morph_fraction: float, rng: np.random.Generator) -> str:
+    """A morph with probability `morph_fraction` when `methods` holds both kinds (then uniform
+    within the kind), else uniform over `methods`."""
+    morphs = [m for m in methods if m in swap.MORPH_METHODS]
+    splices = [m for m in methods if m not in swap.MORPH_METHODS]
+    pool = list(methods)
+    if morphs and splices:
+        pool = morphs if rng.random() < morph_fraction else splices
+    return pool[rng.integers(len(pool))]
 
 
 @functools.lru_cache(maxsize=1)
@@ -192,8 +238,14 @@ class _Face:
 class LfwSwap(tfds.core.GeneratorBasedBuilder):
     """Pristine LFW faces and synthetic swaps; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "2.0.0": "Identity morphs (`morph_blend`, about 60% of the forgeries by default: "
+        "morph_fraction, morph_alpha); new feature `alpha` (share of source texture: 0 "
+        "pristine, 1 splices, drawn for morphs); pristine faces carry mask 255 everywhere "
+        "(a real face is its own source; was 0).",
+    }
     BUILDER_CONFIGS = [make_config(112), make_config(224)]
 
     def _create_builder_config(self, builder_config, version):
@@ -202,8 +254,9 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
         if isinstance(builder_config, LfwSwapConfig):
             c = builder_config
             expected = _content_name(
-                c.image_size, c.seed, c.max_people, c.forgeries_per_image, c.methods
-            )
+                c.image_size, c.seed, c.max_people, c.forgeries_per_image, c.methods,
+                c.morph_fraction, c.morph_alpha,
+            )  # fmt: skip
             if c.name != expected:
                 raise ValueError(f"lfw_swap config named {c.name!r} has content of {expected!r}; "
                                  "create configs with make_config()")  # fmt: skip
@@ -316,10 +369,12 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
                 rng = np.random.default_rng([cfg.seed, _stable_index(face.key), j])
                 partner = others[rng.integers(len(others))]
                 source = faces[by_person[partner][rng.integers(len(by_person[partner]))]]
-                method = cfg.methods[rng.integers(len(cfg.methods))]
+                method = pick_method(cfg.methods, cfg.morph_fraction, rng)
                 source_image, source_lm = at_size(source)
                 try:
-                    result = swap.swap_faces(image, source_image, lm, source_lm, method, rng)
+                    result = swap.swap_faces(
+                        image, source_image, lm, source_lm, method, rng, cfg.morph_alpha
+                    )
                 except swap.SwapError as e:
                     counter.skip(key, e.reason)
                     continue
@@ -333,6 +388,7 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
                     method=method,
                     source_id=source.person,
                     target_id=face.person,
+                    alpha=result.alpha,
                 )
                 yield key, encode_pngs(forgery, size)
         self._record_skips(split, counter)

@@ -243,7 +243,9 @@ class Annotator:
 
     `landmarks` are the TARGET face's (the features contract); `face_mask` is the hull of the
     landmarks of `image` (the face region blended forgeries paste into). A pristine face is its
-    own target, so it costs one landmark image, a forgery two.
+    own target, so it costs one landmark image, a forgery two. Forgeries get alpha -1
+    (unknown: these datasets are made by learned swappers), pristine faces mask 255 and alpha
+    0 (`features.pristine_example`).
     """
 
     def __init__(self, detector, size: int):
@@ -286,6 +288,9 @@ class Annotator:
                     method=parts["method"],
                     source_id=parts["source_id"],
                     target_id=parts["target_id"],
+                    # Learned swappers: how much of the source's texture is in the face is
+                    # not known.
+                    alpha=features.ALPHA_UNKNOWN,
                 )
             else:
                 example = features.pristine_example(
@@ -317,11 +322,20 @@ def forgery_parts(image, source, target, mask, method, source_id, target_id) -> 
 # TFDS base.
 
 
+# Shared by faceforensics, celeba_megafs and ffhq_e4s (their features change together).
+RELEASE_NOTES = {
+    "1.0.0": "First release.",
+    "2.0.0": "Pristine faces carry mask 255 everywhere (a real face is its own source; was 0). "
+    "New feature `alpha` (float32): 0 for pristine faces, -1 (unknown) for these datasets' "
+    "forgeries.",
+}
+
+
 class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the manual_dir builders: features, metadata, skip accounting."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = RELEASE_NOTES
     LAYOUT = ""  # one-paragraph expected tree (the DatasetLayoutError text)
     HOMEPAGE = ""
 

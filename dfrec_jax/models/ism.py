@@ -122,6 +122,9 @@ class ISM(nn.Module):
     depth_coefficient: float = 1.0
     dropout_rate: float = 0.5  # ASPP projection dropout
     classifier_dropout_rate: float = 0.2
+    # Encoder BatchNorm running-average momentum (flax: running = m * running + (1-m) * batch).
+    # EfficientNet's 0.99 needs thousands of steps to forget the init; short runs use 0.9.
+    encoder_bn_momentum: float = 0.99
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -138,6 +141,7 @@ class ISM(nn.Module):
             output_stride=OUTPUT_STRIDE,
             width_coefficient=self.width_coefficient,
             depth_coefficient=self.depth_coefficient,
+            bn_momentum=self.encoder_bn_momentum,
             name="encoder",
             **kw,
         )(images, train)

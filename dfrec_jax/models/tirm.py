@@ -11,6 +11,10 @@ Fusion modes (`fusion`):
               Needs identity_tokens == number of visible patches (98 for 196 patches at 0.5).
   "sequence"  identity rows are embedded as extra decoder tokens that every patch token can
               attend to; works for any identity shape. Dropped before the pixel prediction.
+Identity-row positions (`identity_pos_embed=True`, an option, off by default): a learned
+embedding per identity row is added to the rows before fusion. The SIRM's row j is always the
+same feature channel, but channel fusion attaches it to the j-th visible token of a random
+keep order; the embedding tells the decoder which row it is looking at.
 Predicted pixels pass through a sigmoid (as in the released code) so the target stays in [0,1].
 """
 
@@ -39,6 +43,7 @@ class TIRM(nn.Module):
     pos_embed: str = "learned"  # encoder: "learned" (ViT) | "sincos" (MAE)
     decoder_pos_embed: str = "sincos"
     fusion: str = "channel"  # "channel" | "sequence"
+    identity_pos_embed: bool = False  # a learned embedding per identity row (module docstring)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -66,6 +71,14 @@ class TIRM(nn.Module):
         )(images, keep_idx)
         visible = encoded[:, 1:]  # the class token carries no patch; the decoder needs patches
         identity = target_identity.astype(self.dtype)
+        if self.identity_pos_embed:
+            rows = self.param(
+                "identity_pos",
+                nn.initializers.normal(0.02),
+                (1,) + identity.shape[1:],
+                self.param_dtype,
+            )
+            identity = identity + rows.astype(self.dtype)
 
         if self.fusion == "channel":
             if identity.shape[1] != visible.shape[1]:
