@@ -50,8 +50,17 @@ def params_sha256(variables: Any) -> str:
     return digest.hexdigest()
 
 
+# Model keys added after runs were written, with the value that rebuilds such a run exactly
+# (the module default at the time): an older config.json lacks them.
+LEGACY_MODEL_DEFAULTS = {
+    ("ism", "encoder_bn_momentum"): 0.99,
+    ("tirm", "identity_pos_embed"): False,
+}
+
+
 def read_config(path: str) -> ml_collections.ConfigDict:
-    """A run's config.json as a ConfigDict (lists where the config file had tuples)."""
+    """A run's config.json as a ConfigDict (lists where the config file had tuples), older
+    runs' model configs completed with `LEGACY_MODEL_DEFAULTS`."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -59,6 +68,10 @@ def read_config(path: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"no config.json at {path} (is this a `train` workdir?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"unreadable config {path}: {e}") from None
+    for (block, key), value in LEGACY_MODEL_DEFAULTS.items():
+        model = data.get("model", {})
+        if isinstance(model.get(block), dict):
+            model[block].setdefault(key, value)
     return ml_collections.ConfigDict(data)
 
 

@@ -65,4 +65,5 @@ def test_unknown_loss_net_names_fail_clearly():
     config.loss.perceptual_net = "vgg19_torchvision"
     with pytest.raises(ValueError, match="perceptual_weights"):
         loss_nets.build_loss_nets(config.loss)
-    np.testing.assert_equal(loss_nets.loss_weights(config.loss).patch, 2.0)
+    weights = loss_nets.loss_weights(config.loss)  # the paper's Eq. 4/7/10 reading
+    assert (weights.identity, weights.patch, weights.identity_target) == (1.0, 0.5, 2.0)

@@ -362,3 +362,22 @@ def test_align_detects_recovers_and_pastes_back(workdir, nets, tmp_path, capsys)
         np.testing.assert_allclose(full, pasted, atol=1)
         digest = hashlib.sha256((out / f"photo_{kind}_full.png").read_bytes()).hexdigest()
         assert record["outputs"][f"{kind}_full"]["sha256"] == digest
+
+
+def test_older_run_configs_get_the_model_keys_added_since(tmp_path):
+    # A config.json written before model.ism.encoder_bn_momentum and
+    # model.tirm.identity_pos_embed existed rebuilds the model it was trained with.
+    from configs import demo
+    from dfrec_jax import trained as trained_lib
+
+    config = demo.get_config().to_dict()
+    del config["model"]["ism"]["encoder_bn_momentum"]
+    del config["model"]["tirm"]["identity_pos_embed"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config, default=list))
+    read = trained_lib.read_config(str(path))
+    assert read.model.ism.encoder_bn_momentum == 0.99
+    assert read.model.tirm.identity_pos_embed is False
+    config["model"]["ism"]["encoder_bn_momentum"] = 0.9  # a newer run keeps its own value
+    path.write_text(json.dumps(config, default=list))
+    assert trained_lib.read_config(str(path)).model.ism.encoder_bn_momentum == 0.9
