@@ -180,6 +180,46 @@ def eval_config():
     )
 
 
+def init_config():
+    """Pretrained initialisation of a FRESH run (dfrec_jax/train/init_from.py); "" = off.
+
+    Applied once, at step 0, when `train` starts a workdir that has no checkpoint; a resumed
+    run takes everything from its checkpoint and ignores these keys. Sources are applied in
+    the order below (a later one overrides the leaves it shares with an earlier one); every
+    leaf no source fills keeps its random init, the optimizer state is the fresh one. Each
+    applied source (path, file sha256, arrays / parameters replaced) is recorded in
+    W/init.json and printed. A missing file or a shape that does not fit stops the run with
+    one line naming the key and both shapes.
+      released      a checkpoint in the DFREC authors' released layout (splitidentity_*.pth,
+                    pretrained/convert_released.py): the whole model (configs/official.py).
+      workdir       an earlier run of this project: params + batch stats of its newest
+                    checkpoint (not its optimizer state or step); not together with `released`.
+      ism_encoder   EfficientNet checkpoint for the ISM encoder (params + BN statistics under
+                    ism/encoder; width/depth coefficients from model.ism), e.g. the ImageNet
+                    B0 weights smp loads (efficientnet_pytorch naming, eps 1e-3 like ours).
+      ism_encoder_naming   efficientnet_pytorch | timm (timm's BNs use eps 1e-5, ours 1e-3).
+      ism_encoder_prefix   only keys under this prefix, e.g. "encoder." for an smp model.
+      tirm_encoder  ViT checkpoint for the TIRM encoder (tirm/encoder; width and depth must
+                    match model.tirm; position embeddings resampled to the patch grid, unused
+                    when model.tirm.pos_embed="sincos").
+      tirm_encoder_naming  mae (facebookresearch/mae, {"model": ...}) | timm | torchvision.
+      tirm_encoder_prefix  only keys under this prefix, e.g. "backbone.".
+    Files: .safetensors or torch.save checkpoints (read without executing pickled code).
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            released="",
+            workdir="",
+            ism_encoder="",
+            ism_encoder_naming="efficientnet_pytorch",
+            ism_encoder_prefix="",
+            tirm_encoder="",
+            tirm_encoder_naming="mae",
+            tirm_encoder_prefix="",
+        )
+    )
+
+
 def mesh_config():
     """Device mesh ("data", "fsdp"); -1 = all devices left. Params shard over "fsdp"."""
     return ml_collections.ConfigDict(
@@ -204,5 +244,6 @@ def get_config(arg=None):
     config.train = train_config()
     config.mesh = mesh_config()
     config.eval = eval_config()
+    config.init = init_config()
     config.lock()  # a typo'd key in an override is an error, not a new key
     return config

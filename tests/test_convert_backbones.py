@@ -536,3 +536,39 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
         cb.convert_vit(str(tmp_path / "x.pth"), "keras")
     with pytest.raises(ConversionError, match="is this a torchvision ViT"):
         cb.convert_vit(save(state_of(TimmViT(**VIT)), tmp_path / "v.pth"), "torchvision", 64)
+
+
+# ----------------------------------------------------------------------------- legacy files
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code from the checkpoint ran",))
+
+
+def test_legacy_torch_save_reads_like_the_zip_format(tmp_path):
+    """Pre-1.6 (non-zip) torch.save files, e.g. efficientnet_pytorch's released weights."""
+    from dfrec_jax.pretrained import torch_zip
+    from dfrec_jax.pretrained.checkpoint import read_state_dict
+
+    state = state_of(EPEfficientNetB0())
+    state["double"] = torch.rand(8, dtype=torch.float64)
+    state["view"] = torch.arange(10, dtype=torch.int64)[3:7]  # an offset into a storage
+    legacy = str(tmp_path / "legacy.pth")
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    got, want = read_state_dict(legacy), read_state_dict(save(state, tmp_path / "zip.pth"))
+    assert got.keys() == want.keys() and len(got) == len(state)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    np.testing.assert_array_equal(got["view"], [3, 4, 5, 6])
+    variables, report = cb.convert_efficientnet_b0(legacy, "efficientnet_pytorch")
+    assert report.missing == [] and report.unexpected == ["double", "view"]
+
+    bad = str(tmp_path / "code.pth")
+    torch.save({"x": _RunsCode()}, bad, _use_new_zipfile_serialization=False)
+    with pytest.raises(torch_zip.UnsafePickleError, match=r"print, refused"):
+        torch_zip.load(bad)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="neither a PyTorch zip checkpoint nor a legacy"):
+        torch_zip.load(str(tmp_path / "junk.pth"))

@@ -1,9 +1,9 @@
 """Reading user-supplied PyTorch weights and filling Flax variable trees from them.
 
-Formats: safetensors (no code execution at all) and PyTorch zip checkpoints (torch.save),
-read by `torch_zip` with a restricted unpickler. Converters describe each target leaf by a
-`Rule` (Flax path <- PyTorch key, with a transform); `fill` applies the rules, refuses shape
-mismatches and reports missing and unexpected keys.
+Formats: safetensors (no code execution at all) and PyTorch checkpoints (torch.save, zip or
+legacy pre-1.6 format), read by `torch_zip` with a restricted unpickler. Converters describe
+each target leaf by a `Rule` (Flax path <- PyTorch key, with a transform); `fill` applies the
+rules, refuses shape mismatches and reports missing and unexpected keys.
 """
 
 import dataclasses

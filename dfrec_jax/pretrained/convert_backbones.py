@@ -1,13 +1,13 @@
 """Converters for user-supplied PyTorch backbone weights: EfficientNet-B0 and ViT (incl. MAE).
 
-Each `convert_*` reads a .safetensors file or a torch.save zip (never executing pickled code,
-see `checkpoint.read_state_dict`), maps every tensor by name onto our Flax module and returns
-`(variables, Report)`: numpy trees ready for `module.apply`, plus the Flax leaves no tensor
-filled (`missing`, zeros) and the checkpoint keys nothing used (`unexpected`). A shape that
-does not fit raises `ConversionError` with one line naming the key. BatchNorm step counters
-(`num_batches_tracked`) and heads our trunks do not have are dropped without a report.
-Legacy (pre-1.6, non-zip) torch.save files cannot be read: re-save them with a current torch
-or convert them to safetensors first.
+Each `convert_*` reads a .safetensors file or a torch.save file, zip or legacy (never executing
+pickled code, see `checkpoint.read_state_dict`), maps every tensor by name onto our Flax module
+and returns `(variables, Report)`: numpy trees ready for `module.apply`, plus the Flax leaves
+no tensor filled (`missing`, zeros) and the checkpoint keys nothing used (`unexpected`). A
+shape that does not fit raises `ConversionError` with one line naming the key. BatchNorm step
+counters (`num_batches_tracked`) and heads our trunks do not have are dropped without a
+report. Legacy (pre-1.6, non-zip) torch.save files, such as efficientnet_pytorch's released
+weights, are read too (`torch_zip`).
 
 EfficientNet-B0 (`models.efficientnet.EfficientNetB0`), two namings:
   "timm"                 conv_stem, bn1, blocks.S.I.{conv_dw,bn1,se.conv_reduce,se.conv_expand,
@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dfrec_jax.models.efficientnet import B0_STAGES, EfficientNetB0
+from dfrec_jax.models.efficientnet import B0_STAGES, EfficientNetB0, scaled_repeats
 from dfrec_jax.models.vit import ViTEncoder
 from dfrec_jax.pretrained.checkpoint import (
     ConversionError,
@@ -140,8 +140,14 @@ def _check_naming(naming: str, known: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------- EfficientNet-B0
 
 
-def efficientnet_b0_rules(naming: str, prefix: str = "", root: str = "") -> list[Rule]:
-    """Rules for every EfficientNetB0 leaf: Flax paths under `root`, keys under `prefix`."""
+def efficientnet_b0_rules(
+    naming: str, prefix: str = "", root: str = "", depth_coefficient: float = 1.0
+) -> list[Rule]:
+    """Rules for every EfficientNetB0 leaf: Flax paths under `root`, keys under `prefix`.
+
+    `depth_coefficient` scales the block repeats as our module (and timm / efficientnet_pytorch
+    for B1-B7) do, so a scaled trunk's blocks are named by the same stage / flat indices.
+    """
     _check_naming(naming, EFFICIENTNET_NAMINGS)
 
     def t(name):
@@ -156,7 +162,7 @@ def efficientnet_b0_rules(naming: str, prefix: str = "", root: str = "") -> list
         rules = conv_rules(t("conv_stem"), s("_conv_stem")) + bn_rules(t("bn1"), s("_bn0"))
     flat_index = 0
     for stage, (expand, _, _, _, repeats) in enumerate(B0_STAGES):
-        for i in range(repeats):
+        for i in range(scaled_repeats(repeats, depth_coefficient)):
             ours = t(f"blocks_{stage}_{i}")
             if naming == "timm":
                 theirs = s(f"blocks.{stage}.{i}")
@@ -190,24 +196,35 @@ def efficientnet_b0_rules(naming: str, prefix: str = "", root: str = "") -> list
 
 
 def convert_efficientnet_b0(
-    path: str, naming: str = "timm", *, prefix: str = "", key: str | None = None
+    path: str,
+    naming: str = "timm",
+    *,
+    prefix: str = "",
+    key: str | None = None,
+    width_coefficient: float = 1.0,
+    depth_coefficient: float = 1.0,
 ) -> tuple[dict, Report]:
     """EfficientNetB0 variables {"params", "batch_stats"} from a timm or efficientnet_pytorch
     checkpoint. `prefix` selects a sub-model's keys (e.g. "encoder." for an smp model), `key` a
     nested dict in the file (e.g. "state_dict"). Build the module with
-    `EfficientNetB0(bn_epsilon=BN_EPSILON[naming])`.
+    `EfficientNetB0(bn_epsilon=BN_EPSILON[naming])` and the same width / depth coefficients
+    (1.0 = B0; a scaled trunk, e.g. timm's efficientnet_b1 at 1.0 / 1.1, maps the same way).
     """
     _check_naming(naming, EFFICIENTNET_NAMINGS)
     state = drop_step_counters(read_state_dict(path, key))
     if prefix:
         state = {k: v for k, v in state.items() if k.startswith(prefix)}
+    module = EfficientNetB0(
+        width_coefficient=width_coefficient, depth_coefficient=depth_coefficient
+    )
     abstract = jax.eval_shape(
-        functools.partial(EfficientNetB0().init, train=False),
+        functools.partial(module.init, train=False),
         jax.random.key(0),
         jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
     )
     ignored = tuple(prefix + p for p in EFFICIENTNET_IGNORED[naming])
-    tree, report = fill(template(abstract), state, efficientnet_b0_rules(naming, prefix), ignored)
+    rules = efficientnet_b0_rules(naming, prefix, depth_coefficient=depth_coefficient)
+    tree, report = fill(template(abstract), state, rules, ignored)
     return materialize(tree), report
 
 

@@ -32,6 +32,7 @@ from dfrec_jax import loss_nets as loss_nets_lib
 from dfrec_jax.batch import normalize_batch
 from dfrec_jax.train import (
     checkpoints,
+    init_from,
     metric_writer,
     preemption,
     sharding,
@@ -154,6 +155,30 @@ def _image_grid(predict, state, batch, seed, rows=4) -> np.ndarray:
     return metric_writer.image_grid(small, jax.device_get(outputs), max_rows=rows)
 
 
+def _has_checkpoint(ckpt_dir: str) -> bool:
+    """Cheap early look (orbax step folders are named by the step); the Checkpointer decides."""
+    return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
+
+def _initial_state(config, workdir, model, tx, mesh, abstract, shardings, ckpt):
+    """(state, data_state): the newest checkpoint's (data_state: the input pipeline's position),
+    or a fresh state with the pretrained sources of `config.init` merged in (data_state None).
+    The sources are applied only here, at step 0: a resumed run's checkpoint always wins."""
+    if ckpt.latest_step() is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        state, data_state = ckpt.restore(target)
+        log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+        if init_from.enabled(config.get("init")):
+            log.info("config.init ignored: the run resumes from its checkpoint")
+        return state, data_state
+    state = state_lib.create_train_state(config, model, jax.random.PRNGKey(config.seed), mesh, tx)
+    state, applied = init_from.apply(config, state, mesh)
+    init_from.record(workdir, applied)
+    return state, None
+
+
 def train(
     config,
     workdir: str,
@@ -174,6 +199,9 @@ def train(
     workdir = os.path.abspath(workdir)
     cfg_train = config.train
     total_steps = cfg_train.steps
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not _has_checkpoint(ckpt_dir):  # a fresh run: a bad init source fails before the data
+        init_from.validate(config.get("init"))
     workdir_lib.save_run_metadata(workdir, config)
     os.makedirs(os.path.join(workdir, "panels"), exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
@@ -185,24 +213,17 @@ def train(
     tx = state_lib.make_optimizer(config.optim, total_steps)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpt = checkpoints.Checkpointer(
         ckpt_dir,
         save_every=cfg_train.checkpoint_every,
         keep=cfg_train.keep_checkpoints,
         best_metric=cfg_train.best_metric if validation else None,
     )
-    if ckpt.latest_step() is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        state, data_state = ckpt.restore(target)
+    state, data_state = _initial_state(
+        config, workdir, model, tx, mesh, abstract, shardings, ckpt
+    )
+    if data_state is not None:
         pipeline.restore(data_state)
-        log.info("resumed from %s at step %d", ckpt_dir, int(state.step))
-    else:
-        state = state_lib.create_train_state(
-            config, model, jax.random.PRNGKey(config.seed), mesh, tx
-        )
     start = int(state.step)
     train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
     eval_step = _make_eval_step(model, nets, weights)

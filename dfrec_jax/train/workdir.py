@@ -113,6 +113,22 @@ def _pretty(data) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
+def save_json(path: str, data) -> None:
+    """Writes `data` as indented JSON to `path` atomically (temporary name, then rename);
+    remote paths (gs://...) through tf.io.gfile, local ones without importing TensorFlow."""
+    if "://" in path:
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(os.path.dirname(path))
+        _write_atomic(path, _pretty(data))
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(_pretty(data))
+    os.replace(tmp, path)
+
+
 def _newest_saved_hash(workdir: str) -> str | None:
     """Hash of the newest config on record: the newest config.<time>.json, else config.json."""
     import tensorflow as tf
