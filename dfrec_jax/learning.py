@@ -103,21 +103,23 @@ def make_examples(
     }
 
 
-def _cos(a, b) -> np.ndarray:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1),
-                                          1e-12)  # fmt: skip
+def reference_embeddings(examples: dict, embed) -> dict:
+    """Embeddings of the examples' fixed images (input, true target, true source)."""
+    return {k: embed(jnp.asarray(examples[k], jnp.float32) / 255.0)
+            for k in ("image", "target", "source")}  # fmt: skip
 
 
-def score(outputs: dict, examples: dict, embed) -> dict:
-    """The check's numbers for model `outputs` (float, per image) on `examples` (uint8)."""
-    from dfrec_jax.eval import metrics
+def score(outputs: dict, examples: dict, embed, references: dict | None = None) -> dict:
+    """The check's numbers for model `outputs` (float, per image) on `examples` (uint8);
+    `references`: `reference_embeddings(examples, embed)` when the caller scores repeatedly."""
+    from dfrec_jax.eval import identity, metrics
 
-    def f(x):
-        return jnp.asarray(x, jnp.float32) / 255.0
+    def _cos(a, b):
+        return np.asarray(identity.cosine(a, b))
 
+    refs = references if references is not None else reference_embeddings(examples, embed)
     forged = examples["label"] > 0.5
-    e_image, e_target, e_source = (embed(f(examples[k])) for k in ("image", "target", "source"))
+    e_image, e_target, e_source = refs["image"], refs["target"], refs["source"]
     e_rec_t, e_rec_s = embed(outputs["target"]), embed(outputs["source"])
     logit = np.asarray(outputs["forgery_logit"])
     iou = metrics.mask_iou(np.asarray(outputs["seg"])[forged], examples["mask"][forged])
@@ -207,12 +209,14 @@ def run_learning_check(
     ]
     predict = jax.jit(lambda variables, x: trained.apply_per_image(model, variables, x, 0))
     inputs = jnp.asarray(examples["image"], jnp.float32) / 255.0
+    references = reference_embeddings(examples, embed)  # fixed images: embedded once
 
     def evaluate(step: int, loss: float | None) -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         outputs = jax.device_get(predict(variables, inputs))
         point = {"step": step, "loss": loss}
-        point.update({k: round(v, 4) for k, v in score(outputs, examples, embed).items()})
+        scores = score(outputs, examples, embed, references)
+        point.update({k: round(v, 4) for k, v in scores.items()})
         point["elapsed_s"] = round(time.perf_counter() - start, 1)
         log(json.dumps({"what": "learning", **point}))
         return point

@@ -27,7 +27,6 @@ The optimizer state is left as created: AdamW's moments are zeros whatever the p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import sys
 from typing import Any
@@ -36,6 +35,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from dfrec_jax.exported import file_sha256  # one file hasher for the project
 from dfrec_jax.pretrained import convert_backbones, convert_released
 from dfrec_jax.pretrained.checkpoint import ConversionError
 
@@ -122,14 +122,6 @@ def validate(init_config) -> None:
 
 
 # ----------------------------------------------------------------------------- sources
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _flat(tree, root: str = "") -> dict[str, Any]:
