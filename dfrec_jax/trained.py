@@ -5,8 +5,9 @@
     outputs = trained.predict(images_uint8_or_float01)   # jitted, deterministic
 
 The config comes from the run's `config.json` (written by `train`), so recovery needs no
-config file; the parameters from the orbax checkpoint (the whole train state is restored onto
-one device and only params + batch_stats are kept). Nothing here imports TensorFlow.
+config file; the parameters and batch statistics from the orbax checkpoint, read alone onto
+one device (the optimizer state is never read or built: a run whose optimizer config has
+changed since still loads). Nothing here imports TensorFlow.
 
 Inference is deterministic and per image: every image is run as a batch of one (vmapped) with
 the same masking key (`config.seed`), so an image's outputs never depend on the other images
@@ -147,22 +148,22 @@ def load(
 ) -> TrainedModel:
     """The model of a run: `workdir` (its checkpoints/ and config.json) or `checkpoint` (a
     checkpoints folder whose config.json is beside or inside it); newest step unless `step`."""
-    from dfrec_jax.train import checkpoints, state  # orbax + optax; no TensorFlow
+    from dfrec_jax.train import checkpoints  # orbax; no TensorFlow, no optimizer
 
     ckpt_dir, config_path = _locate(workdir, checkpoint)
     config = read_config(config_path)
     model = inference.build_model(config)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        inference.abstract_variables(model),
+    )
     with checkpoints.Checkpointer(ckpt_dir, save_every=1, keep=1, read_only=True) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (train first)")
-        tx = state.make_optimizer(config.optim, int(config.train.steps))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-            state.abstract_train_state(config, model, tx),
-        )
-        restored, _ = ckpt.restore(target, step)
-    variables = {"params": restored.params, "batch_stats": restored.batch_stats}
+        step = step if step is not None else ckpt.latest_step()
+        # Parameters and batch statistics only: the optimizer state is never read.
+        variables = ckpt.restore_variables(target, step)
     hash_path = os.path.join(os.path.dirname(config_path), "config_hash.txt")
     if os.path.exists(hash_path):
         with open(hash_path) as f:
@@ -176,7 +177,7 @@ def load(
         model=model,
         variables=variables,
         checkpoint_dir=ckpt_dir,
-        step=int(restored.step),
+        step=int(step),
         params_sha256=params_sha256(variables),
         config_hash=digest,
     )

@@ -69,3 +69,49 @@ def test_bad_locations_are_one_line_errors(tmp_path, run_dir):
         trained.load(workdir=str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         trained.load(checkpoint=str(tmp_path / "empty"))
+
+
+def test_load_reads_parameters_only_whatever_the_optimizer_config(tmp_path, run_dir, monkeypatch):
+    """Inference never builds an optimizer or reads its state: a run whose optimizer config
+    no longer builds (unknown schedule) or builds a differently shaped state (gradient
+    accumulation wraps it in MultiSteps) loads the same parameters."""
+    import shutil
+
+    from dfrec_jax.train import state as state_lib
+
+    reference = trained.load(workdir=run_dir)
+    for optim in ({"schedule": "no-such-schedule"}, {"accumulate_steps": 4, "clip_norm": 1.0}):
+        copy = tmp_path / f"run_{len(optim)}"
+        shutil.copytree(run_dir, copy)
+        with open(copy / "config.json") as f:
+            config = json.load(f)
+        config["optim"].update(optim)
+        with open(copy / "config.json", "w") as f:
+            json.dump(config, f)
+
+        def no_optimizer(*args, **kwargs):
+            raise AssertionError("inference built an optimizer")
+
+        monkeypatch.setattr(state_lib, "make_optimizer", no_optimizer)
+        loaded = trained.load(workdir=str(copy))
+        monkeypatch.undo()
+        assert loaded.params_sha256 == reference.params_sha256 and loaded.step == 3
+        assert set(loaded.variables) == {"params", "batch_stats"}
+
+
+def test_restore_variables_names_a_shape_mismatch(run_dir):
+    from dfrec_jax import inference
+    from dfrec_jax.train import checkpoints
+
+    config = trained.read_config(os.path.join(run_dir, "config.json"))
+    config.model.tirm.decoder_width *= 2
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        inference.abstract_variables(inference.build_model(config)),
+    )
+    with checkpoints.Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=1, keep=1,
+                                  read_only=True) as ckpt:  # fmt: skip
+        with pytest.raises(ValueError, match=r"params/tirm/decoder_blocks_0/attn/proj/kernel: checkpoint shape \(32, 32\)"):
+            ckpt.restore_variables(target, 3)
+

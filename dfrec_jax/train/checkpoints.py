@@ -226,6 +226,31 @@ class Checkpointer:
             raise ValueError(f"{self._mismatch(step)}: {e}") from e
         return out["state"], dict(out["data"])
 
+    def restore_variables(self, abstract_variables: Any, step: int | None = None) -> Any:
+        """Only the model variables of `step` (latest when None): the state's `params` and
+        `batch_stats`, read into the layout of `abstract_variables` ({"params": ...,
+        "batch_stats": ...} of jax.ShapeDtypeStruct with `.sharding`). The optimizer state,
+        step, rng and counters are never read, so inference needs no optimizer (its config
+        may differ from the run's) and reads about a third of a train state's bytes."""
+        self.wait()
+        step = self._resolve_step(step)
+        target = {k: _abstract_target(abstract_variables[k]) for k in ("params", "batch_stats")}
+        self._check_shapes(step, target)
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+        # The manager's StandardCheckpointHandler has no partial restore; the "state" item is
+        # an ordinary PyTree checkpoint on disk, which PyTreeCheckpointer reads in part.
+        path = os.path.join(self.directory, str(step), "state")
+        try:
+            out = ocp.PyTreeCheckpointer().restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{self._mismatch(step)}: {e}") from e
+        return {"params": out["params"], "batch_stats": out["batch_stats"]}
+
     def _mismatch(self, step: int) -> str:
         return (
             f"checkpoint step {step} in {self.directory} does not match the state to restore "

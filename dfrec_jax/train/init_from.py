@@ -184,7 +184,7 @@ def _restore_run(run_dir: str, mesh, min_size: int) -> tuple[dict, int]:
     """(params + batch stats of the run's newest checkpoint, laid out for `mesh`, its step)."""
     from dfrec_jax import inference, trained  # the run's config.json reader (legacy keys)
     from dfrec_jax.train import checkpoints
-    from dfrec_jax.train import state as state_lib
+    from dfrec_jax.train import sharding as sharding_lib
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     config_path = os.path.join(run_dir, "config.json")
@@ -192,20 +192,25 @@ def _restore_run(run_dir: str, mesh, min_size: int) -> tuple[dict, int]:
         raise InitError(f"init.workdir: no checkpoints folder in {run_dir} (train it first)")
     if not os.path.isfile(config_path):
         raise InitError(f"init.workdir: no config.json in {run_dir} (not a `train` run folder)")
-    source = trained.read_config(config_path)  # the model and optimizer the run was saved with
-    model = inference.build_model(source)
-    tx = state_lib.make_optimizer(source.optim, int(source.train.steps))
-    abstract = state_lib.abstract_train_state(source, model, tx)
-    shardings = state_lib.state_shardings(abstract, mesh, min_size)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    source = trained.read_config(config_path)  # the model the run was saved with
+    abstract = inference.abstract_variables(inference.build_model(source))
+    rep = sharding_lib.replicated(mesh)
+    target = {
+        "params": jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract["params"],
+            sharding_lib.tree_shardings(abstract["params"], mesh, min_size),
+        ),
+        "batch_stats": jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract["batch_stats"]
+        ),
+    }
     with checkpoints.Checkpointer(ckpt_dir, save_every=1, keep=1, read_only=True) as ckpt:
         step = ckpt.latest_step()
         if step is None:
             raise InitError(f"init.workdir: no checkpoint in {ckpt_dir} (train it first)")
-        restored, _ = ckpt.restore(target, step)
-    return {"params": restored.params, "batch_stats": restored.batch_stats}, int(step)
+        variables = ckpt.restore_variables(target, step)  # no optimizer state read
+    return variables, int(step)
 
 
 def _variables_sha256(variables) -> str | None:
