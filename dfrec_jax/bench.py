@@ -1,6 +1,6 @@
 """`bench`: timings printed as one JSON object per measurement.
 
-    python -m dfrec_jax bench --what forward|input_pipeline|train_step|recover|learning
+    python -m dfrec_jax bench --what forward|input_pipeline|train_step|step_profile|recover|learning
         --config C [--batch ..] [--workdir W] [--steps N --eval_every M]
 
 `train_step` times the real sharded train step (model + frozen loss nets + AdamW) on
@@ -9,6 +9,10 @@ is the accelerator benchmark, run on a GPU/TPU machine it uses all of its device
 config.mesh; `--batch` = global batch sizes, e.g. `--batch 64,128`; `--config.model.dtype=
 bfloat16` for bf16 compute). It reports the step's FLOPs from XLA's cost analysis and the
 model FLOPs utilisation against the best f32 matmul throughput measured in the same process.
+
+`step_profile` times the step's parts alone (DFREC forward+backward, each frozen loss
+network with its gradient, the optimizer update) next to the whole step
+(dfrec_jax/step_profile.py).
 
 `learning` is the learning check (dfrec_jax/learning.py): it overfits 32 fixed real examples
 (identity morphs + pristine faces) for `--steps` steps at batch `--batch` (default 8) and
@@ -433,6 +437,16 @@ def bench_learning(
     return [report]
 
 
+def bench_step_profile(config, batch_sizes=(), repeats: int = 5) -> list[dict]:
+    """Where the train step's time goes (dfrec_jax/step_profile.py), at each batch size."""
+    from dfrec_jax import step_profile
+
+    results = []
+    for batch in batch_sizes or [None]:
+        results += step_profile.profile_train_step(config, batch, repeats)
+    return results
+
+
 def _print_flush(line: str) -> None:
     print(line, flush=True)
 
@@ -443,6 +457,7 @@ BENCHES = {
     "train_step": bench_train_step,
     "recover": bench_recover,
     "learning": bench_learning,
+    "step_profile": bench_step_profile,
 }
 
 

@@ -170,3 +170,30 @@ def test_real_train_step_on_8_devices():
     assert result["compile_s"] > 0 and result["step_ms"] > 0
     assert result["flops_per_step"] == 8 * result["flops_per_device"] > 0
     assert 0 < result["mfu"] <= 1
+
+
+def test_step_profile_times_every_part_of_the_step():
+    from dfrec_jax import step_profile
+
+    results = step_profile.profile_train_step(
+        tiny.tiny_config(), 8, repeats=1, loss_nets=tiny.tiny_loss_nets(), matmul_sizes=(128,)
+    )
+    json.dumps(results)
+    parts = {r["part"]: r for r in results}
+    assert list(parts) == ["model", "identity", "perceptual", "attribute", "optimizer", "step",
+                           "summary"]  # fmt: skip
+    for name in ("model", "identity", "perceptual", "attribute", "optimizer", "step"):
+        part = parts[name]
+        assert part["ms"] > 0 and part["batch"] == 8, part
+        assert part["share_of_step"] == pytest.approx(part["ms"] / parts["step"]["ms"], abs=2e-3)
+    # The model's backward and the loss nets' gradients are real work XLA counts.
+    assert parts["model"]["gflop"] > 0 and parts["identity"]["gflop"] > 0
+    assert parts["step"]["share_of_step"] == 1.0
+    # The whole step does at least the model's and the loss nets' FLOPs.
+    assert parts["step"]["gflop"] >= parts["model"]["gflop"]
+    summary = parts["summary"]
+    assert summary["slowest_part"] in parts and summary["step_ms"] == parts["step"]["ms"]
+    assert summary["parts_sum_ms"] == pytest.approx(
+        sum(parts[n]["ms"] for n in ("model", "identity", "perceptual", "attribute", "optimizer")),
+        abs=0.5,
+    )
