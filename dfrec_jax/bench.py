@@ -230,6 +230,26 @@ def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
     return out
 
 
+def build_train_step(config, mesh, *, loss_nets=None, total_steps: int | None = None):
+    """The real sharded train step of `config` on `mesh` and its fresh state, as `train` builds
+    them: (model, loss nets, optimizer, state, jitted step). `loss_nets`: None = the real frozen
+    networks of config.loss; `total_steps`: the schedule's length (None = config.train.steps)."""
+    from dfrec_jax import loss_nets as loss_nets_lib
+    from dfrec_jax.train import state as state_lib
+    from dfrec_jax.train import step as step_lib
+
+    model = inference.build_model(config)
+    nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
+    weights = loss_nets_lib.loss_weights(config.loss)
+    steps = int(config.train.steps if total_steps is None else total_steps)
+    tx = state_lib.make_optimizer(config.optim, steps)
+    abstract = state_lib.abstract_train_state(config, model, tx)
+    shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
+    state = state_lib.create_train_state(config, model, jax.random.key(config.seed), mesh, tx)
+    train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
+    return model, nets, tx, state, train_step
+
+
 def bench_train_step(
     config,
     batch_sizes=(),
@@ -250,10 +270,7 @@ def bench_train_step(
     `loss_nets`: frozen loss networks (None: the real ones from config.loss); `devices`: the
     mesh's devices (None: all).
     """
-    from dfrec_jax import loss_nets as loss_nets_lib
     from dfrec_jax.train import sharding as sharding_lib
-    from dfrec_jax.train import state as state_lib
-    from dfrec_jax.train import step as step_lib
 
     start = time.perf_counter()
     mesh = sharding_lib.make_mesh(config.mesh, devices)
@@ -262,17 +279,10 @@ def bench_train_step(
     for batch_size in batch_sizes:
         if batch_size % devices:
             raise ValueError(f"bench: batch {batch_size} does not split over {devices} devices")
-    model = inference.build_model(config)
-    nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
-    weights = loss_nets_lib.loss_weights(config.loss)
-    tx = state_lib.make_optimizer(config.optim, config.train.steps)
-    abstract = state_lib.abstract_train_state(config, model, tx)
-    shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
-    state = state_lib.create_train_state(config, model, jax.random.key(config.seed), mesh, tx)
+    model, _, _, state, train_step = build_train_step(config, mesh, loss_nets=loss_nets)
     jax.block_until_ready(state)
     setup_s = time.perf_counter() - start
     counts = inference.param_counts(state.params)
-    train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
     peak = peak_matmul_tflops(mesh, matmul_sizes)
     peak_compute = None  # bf16 compute: its own matmul peak as well (MFU vs f32 may pass 1)
     if str(config.model.dtype) == "bfloat16":

@@ -171,10 +171,8 @@ def run_learning_check(
     tests; by default the real LFW examples, loss networks and FaceNet."""
     import json
 
-    from dfrec_jax import bench, loss_nets as loss_nets_lib, trained
+    from dfrec_jax import bench, trained
     from dfrec_jax.train import sharding as sharding_lib
-    from dfrec_jax.train import state as state_lib
-    from dfrec_jax.train import step as step_lib
 
     start = time.perf_counter()
     config = overfit_config(config, steps=steps, batch_size=batch_size,
@@ -193,14 +191,9 @@ def run_learning_check(
         embed = jax.jit(lambda x: net(x)["embedding"])
 
     mesh = sharding_lib.make_mesh(config.mesh)
-    model = inference.build_model(config)
-    nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
-    weights = loss_nets_lib.loss_weights(config.loss)
-    tx = state_lib.make_optimizer(config.optim, steps)
-    abstract = state_lib.abstract_train_state(config, model, tx)
-    shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
-    state = state_lib.create_train_state(config, model, jax.random.key(config.seed), mesh, tx)
-    train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
+    model, _, _, state, train_step = bench.build_train_step(
+        config, mesh, loss_nets=loss_nets, total_steps=steps
+    )
     batch_sharding = sharding_lib.batch_sharding(mesh)
     batches = [
         bench._global_batch({k: v[i : i + batch_size] for k, v in examples.items()},

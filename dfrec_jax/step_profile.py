@@ -32,16 +32,11 @@ from dfrec_jax import bench, inference, losses
 
 
 def _timed(fn, *args, repeats: int) -> dict:
-    """Compile `fn` (jitted) for `args`, run it once, then time `repeats` synced calls."""
+    """Compile jitted `fn` for `args`, then `bench.time_call` it (one warm-up, `repeats` timed)."""
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+    times = bench.time_call(compiled, *args, repeats=max(repeats, 1))
     return {"seconds": float(np.median(times)), "compile_s": compile_s,
             "flops": bench.flops_of(compiled)}  # fmt: skip
 
@@ -83,20 +78,11 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
                        *, loss_nets=None, matmul_sizes=None) -> list[dict]:  # fmt: skip
     """One dict per part (module docstring) and a summary; `loss_nets` and the peak's
     `matmul_sizes` injectable for tests."""
-    from dfrec_jax import loss_nets as loss_nets_lib
     from dfrec_jax.train import sharding as sharding_lib
-    from dfrec_jax.train import state as state_lib
-    from dfrec_jax.train import step as step_lib
 
     batch_size = int(batch_size or config.data.batch_size)
     mesh = sharding_lib.make_mesh(config.mesh)
-    model = inference.build_model(config)
-    nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
-    weights = loss_nets_lib.loss_weights(config.loss)
-    tx = state_lib.make_optimizer(config.optim, config.train.steps)
-    abstract = state_lib.abstract_train_state(config, model, tx)
-    shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
-    state = state_lib.create_train_state(config, model, jax.random.key(config.seed), mesh, tx)
+    model, nets, tx, state, train_step = bench.build_train_step(config, mesh, loss_nets=loss_nets)
     peak = bench.peak_matmul_tflops(mesh, matmul_sizes)["tflops"]
     size = model.image_size
 
@@ -124,7 +110,6 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
     parts["optimizer"] = _timed(jax.jit(update), state.params, state.opt_state, grads,
                                 repeats=repeats)  # fmt: skip
 
-    train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
     batch = bench._global_batch(
         bench.synthetic_batch(batch_size, size, config.seed), sharding_lib.batch_sharding(mesh)
     )
