@@ -36,7 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dfrec_jax.models.layers import same_padding
+from dfrec_jax.models.layers import DepthwiseConv, same_padding
 
 # (expand_ratio, kernel_size, stride, out_channels, repeats) for each stage.
 B0_STAGES = (
@@ -120,14 +120,15 @@ class MBConv(nn.Module):
         k, d = self.kernel_size, self.dilation
 
         def depthwise(h):
-            return conv(
-                h.shape[-1],
-                (k, k),
+            return DepthwiseConv(
+                k,
                 strides=self.stride,
                 padding=same_padding(k, d),
-                kernel_dilation=d,
-                feature_group_count=h.shape[-1],
+                dilation=d,
+                use_bias=False,
                 kernel_init=DEPTHWISE_INIT,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
                 name="conv_dw",
             )(h)
 

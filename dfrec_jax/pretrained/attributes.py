@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfrec_jax.models import layers
 from dfrec_jax.pretrained import checkpoint, tfjs, weights
 
 FACE_API_VERSION = "1.7.15"
@@ -125,14 +126,7 @@ class SeparableConv(nn.Module):
         x, depthwise, pointwise, bias = nn.dtypes.promote_dtype(
             x, depthwise, pointwise, bias, dtype=self.dtype
         )
-        y = jax.lax.conv_general_dilated(
-            x,
-            depthwise,
-            (self.strides,) * 2,
-            "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=c,
-        )
+        y = layers.depthwise_conv(x, depthwise, self.strides, "SAME")
         return jnp.einsum("bhwc,cd->bhwd", y, pointwise[0, 0]) + bias
 
 
