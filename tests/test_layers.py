@@ -54,3 +54,18 @@ def test_depthwise_rejects_a_wrong_kernel_and_impl():
         layers.depthwise_conv(x, jnp.zeros((3, 3, 4, 4)))
     with pytest.raises(ValueError, match="unknown depthwise impl"):
         layers.depthwise_conv(x, jnp.zeros((3, 3, 1, 4)), impl="fft")
+
+
+def test_auto_lowers_the_grouped_conv_for_gpu_and_the_slices_for_cpu():
+    x = jnp.zeros((1, 8, 8, 4))
+    w = jnp.zeros((3, 3, 1, 4))
+
+    def hlo(platform):
+        f = jax.jit(lambda x, w: layers.depthwise_conv(x, w))
+        return jax.export.export(f, platforms=(platform,))(x, w).mlir_module()
+
+    assert "convolution" in hlo("cuda")
+    assert "convolution" not in hlo("cpu")
+    np.testing.assert_allclose(
+        layers.depthwise_conv(x + 1, w + 1), layers.depthwise_conv(x + 1, w + 1, impl="xla")
+    )

@@ -31,11 +31,17 @@ def depthwise_conv(
     well; "shifted" sums kh*kw strided slices of the padded input, each times one kernel tap.
     XLA's CPU grouped convolution is 4-40x slower than the shifted sum, forward and backward
     (measured on 2 cores: 16x56x56x32 forward 48 ms vs 1.1 ms, with its gradients 143 vs 31
-    ms), so "auto" picks "shifted" on CPU and "xla" elsewhere. Both give the same values
+    ms), so "auto" runs "shifted" on CPU and "xla" elsewhere (`lax.platform_dependent`: a
+    model exported for cpu and cuda carries each). Both give the same values
     (tests/test_layers.py).
     """
-    if impl == "auto":
-        impl = "shifted" if jax.default_backend() == "cpu" else "xla"
+    if impl == "auto":  # chosen per platform at lowering, so a cpu+cuda export gets both
+        return jax.lax.platform_dependent(
+            x,
+            kernel,
+            cpu=lambda x, k: depthwise_conv(x, k, strides, padding, dilation, "shifted"),
+            default=lambda x, k: depthwise_conv(x, k, strides, padding, dilation, "xla"),
+        )
     kh, kw = kernel.shape[:2]
     if kernel.shape[2] != 1 or kernel.shape[3] != x.shape[-1]:
         raise ValueError(f"depthwise kernel must be [kh,kw,1,{x.shape[-1]}], got {kernel.shape}")
