@@ -122,11 +122,11 @@ class ConvBNReLU(nn.Module):
             nn.Conv, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype
         )
         k, d = self.kernel_size, self.dilation
-        spatial = dict(kernel_size=(k, k), padding=same_padding(k, d), kernel_dilation=d)
+        padding = same_padding(k, d)
         if self.separable:
             x = DepthwiseConv(
                 k,
-                padding=same_padding(k, d),
+                padding=padding,
                 dilation=d,
                 use_bias=self.use_bias,
                 dtype=self.dtype,
@@ -135,7 +135,7 @@ class ConvBNReLU(nn.Module):
             )(x)
             x = conv(self.features, (1, 1), name="conv_pw")(x)
         else:
-            x = conv(self.features, name="conv", **spatial)(x)
+            x = conv(self.features, (k, k), padding=padding, kernel_dilation=d, name="conv")(x)
         x = nn.BatchNorm(
             use_running_average=not train,
             momentum=0.9,
