@@ -11,13 +11,23 @@ object (tensors refer to storages by persistent id ("storage", type, key, locati
 view)), and the list of storage keys; then, per key in that order, an int64 element count
 and the raw little-endian bytes. The object pickle is read twice: first only to learn each
 storage's dtype (so the byte offsets can be computed), then to build the arrays.
+
+Every file is treated as hostile: each tensor's geometry (offset, size, stride) is checked
+against its storage before any array is made (no view can reach memory outside the file's
+bytes), declared sizes are bounded, and whatever a damaged or crafted file makes the
+unpickler or the zip reader raise comes back as one `CheckpointFormatError` line naming the
+file and, where known, the storage.
 """
 
 import collections
+import functools
 import io
+import math
 import pickle
 import pickletools
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -35,7 +45,16 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafePickleError(ValueError):
+# A tensor may repeat storage elements (stride 0, e.g. an expanded tensor) but not materialise
+# more than this many bytes beyond its storage: a few bytes of file must not claim gigabytes.
+MAX_EXPANDED_BYTES = 1 << 30
+
+
+class CheckpointFormatError(ValueError):
+    """A damaged or inconsistent checkpoint: one line naming the file (and the storage)."""
+
+
+class UnsafePickleError(CheckpointFormatError):
     """The checkpoint's pickle asks for something other than tensors and containers."""
 
 
@@ -64,13 +83,49 @@ def _storage_type(name):
     return ("storage", name)
 
 
-def _rebuild_tensor(storage, offset, size, stride, *unused):
+def _int_tuple(value, what: str, where: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise CheckpointFormatError(f"{where}: {what} is not a tuple of integers")
+    return tuple(value)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused, names=None):
+    """A tensor as a numpy array copied out of `storage`, after checking that every element
+    the view addresses lies inside the storage (Python ints: no overflow)."""
     del unused  # requires_grad, backward hooks, metadata
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise CheckpointFormatError("a tensor is built on something that is not a storage")
+    where = f"tensor on storage {(names or {}).get(id(storage), '?')}"
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise CheckpointFormatError(f"{where}: offset {offset!r} is not an integer")
+    size = _int_tuple(size, "size", where)
+    stride = _int_tuple(stride, "stride", where)
+    if len(size) != len(stride):
+        raise CheckpointFormatError(f"{where}: size {size} and stride {stride} differ in length")
+    if any(n < 0 for n in size) or any(s < 0 for s in stride):
+        raise CheckpointFormatError(f"{where}: negative size {size} or stride {stride}")
+    numel = math.prod(size)
+    if numel == 0:
+        if not 0 <= offset <= storage.size:
+            raise CheckpointFormatError(f"{where}: offset {offset} outside {storage.size} elements")
+        return np.zeros(size, storage.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if offset < 0 or last >= storage.size:
+        raise CheckpointFormatError(
+            f"{where}: view (offset {offset}, size {size}, stride {stride}) reaches element "
+            f"{last if offset >= 0 else offset} of a storage of {storage.size}"
+        )
+    if numel > storage.size and numel * storage.itemsize > MAX_EXPANDED_BYTES:
+        raise CheckpointFormatError(
+            f"{where}: size {size} declares {numel} elements over a storage of {storage.size}"
+        )
     if not size:
         return storage[offset].copy()
     itemsize = storage.itemsize
     view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+        storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride)
     )
     return np.array(view)
 
@@ -100,8 +155,11 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file, storages):
         super().__init__(file)
         self._storages = storages
+        self._names: dict[int, str] = {}  # id(storage array) -> storage key, for error lines
 
     def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return functools.partial(_rebuild_tensor, names=self._names)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module == "torch" and name.endswith("Storage"):
@@ -111,18 +169,26 @@ class _Unpickler(pickle.Unpickler):
         raise UnsafePickleError(f"checkpoint pickle references {module}.{name}, refused")
 
     def persistent_load(self, pid):
-        kind, storage_type, key = pid[0], pid[1], pid[2]
-        if kind != "storage":
-            raise UnsafePickleError(f"unknown persistent id {pid[:1]}")
-        dtype = _storage_dtype(storage_type)
-        return np.frombuffer(self._storages(str(key)), dtype=dtype)
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
+            raise UnsafePickleError(f"unknown persistent id {str(pid)[:40]}")
+        storage_type, key = pid[1], str(pid[2])
+        return self._storage_array(key, _storage_dtype(storage_type), self._storages(key))
+
+    def _storage_array(self, key: str, dtype: np.dtype, data: bytes) -> np.ndarray:
+        if len(data) % dtype.itemsize:
+            raise CheckpointFormatError(
+                f"storage {key}: {len(data)} bytes is not a whole number of {dtype} elements"
+            )
+        array = np.frombuffer(data, dtype=dtype)
+        self._names[id(array)] = key
+        return array
 
 
 def _storage_dtype(storage_type) -> np.dtype:
     name = storage_type[1] if isinstance(storage_type, tuple) else str(storage_type)
     dtype = _STORAGE_DTYPES.get(name)
     if dtype is None:
-        raise UnsafePickleError(f"unsupported storage type {name}")
+        raise CheckpointFormatError(f"unsupported storage type {str(name)[:40]}")
     return np.dtype(dtype).newbyteorder("<")
 
 
@@ -151,54 +217,113 @@ class _LegacyUnpickler(_Unpickler):
         self.found[str(key)] = (dtype, int(numel))
         if self._storages is None:
             return None
-        data = np.frombuffer(self._storages(str(key)), dtype=dtype)
+        data = self._storage_array(str(key), dtype, self._storages(str(key)))
         if view is not None:  # (view key, offset, size) in elements of the root storage
             _, offset, size = view
-            data = data[int(offset) : int(offset) + int(size)]
+            offset, size = int(offset), int(size)
+            if offset < 0 or size < 0 or offset + size > data.size:
+                raise CheckpointFormatError(
+                    f"storage {key}: view ({offset}, {size}) outside its {data.size} elements"
+                )
+            data = data[offset : offset + size]
+            self._names[id(data)] = str(key)
         return data
 
 
-def _load_legacy(path: str):
-    with open(path, "rb") as f:
+def _load_legacy(path: str, f):
+    file_size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    try:
+        magic, protocol, _ = (_Unpickler(f, None).load() for _ in range(3))
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError):
+        magic = protocol = None
+    if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
+        raise CheckpointFormatError(
+            f"{path}: neither a PyTorch zip checkpoint nor a legacy torch file"
+        )
+    start = f.tell()
+    for _ in pickletools.genops(f):  # finds the object pickle's end; executes nothing
+        pass
+    end = f.tell()
+    keys = _Unpickler(f, None).load()
+    if not isinstance(keys, list):
+        raise CheckpointFormatError(f"{path}: the storage key list is a {type(keys).__name__}")
+    position = f.tell()  # the first storage's element count
+    f.seek(start)
+    obj_pickle = f.read(end - start)
+    dry = _LegacyUnpickler(io.BytesIO(obj_pickle), None)
+    dry.load()
+    offsets = {}
+    for key in map(str, keys):
+        if key not in dry.found:
+            raise CheckpointFormatError(f"{path}: storage {key} is listed but never used")
+        dtype, numel = dry.found[key]
+        f.seek(position)
+        count = int.from_bytes(f.read(8), "little", signed=True)
+        if count != numel:
+            raise CheckpointFormatError(f"{path}: storage {key} holds {count} elements, not {numel}")
+        nbytes = numel * dtype.itemsize
+        if numel < 0 or position + 8 + nbytes > file_size:
+            raise CheckpointFormatError(
+                f"{path}: truncated (storage {key} declares {numel} elements past the file's end)"
+            )
+        offsets[key] = (position + 8, nbytes)
+        position += 8 + nbytes
+
+    def storage(key):
+        if key not in offsets:
+            raise CheckpointFormatError(f"{path}: no storage {key} in the file")
+        offset, size = offsets[key]
+        f.seek(offset)
+        return f.read(size)  # in the file: checked above
+
+    return _LegacyUnpickler(io.BytesIO(obj_pickle), storage).load()
+
+
+# Torch writes its archives uncompressed; a compressed entry may expand, but not without bound.
+_MAX_EXPANSION = 100
+
+
+def _load_zip(path: str, archive: zipfile.ZipFile, pickle_name: str):
+    names = archive.namelist()
+    pkl = [n for n in names if n.endswith("/" + pickle_name) and n.count("/") == 1]
+    if not pkl:
+        raise CheckpointFormatError(f"{path}: no {pickle_name} in the archive")
+    root = pkl[0].split("/")[0]
+
+    def read(name: str) -> bytes:
         try:
-            magic, protocol, _ = (_Unpickler(f, None).load() for _ in range(3))
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError):
-            magic = protocol = None
-        if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
-            raise ValueError(f"{path}: neither a PyTorch zip checkpoint nor a legacy torch file")
-        start = f.tell()
-        for _ in pickletools.genops(f):  # finds the object pickle's end; executes nothing
-            pass
-        end = f.tell()
-        keys = _Unpickler(f, None).load()
-        position = f.tell()  # the first storage's element count
-        f.seek(start)
-        obj_pickle = f.read(end - start)
-        dry = _LegacyUnpickler(io.BytesIO(obj_pickle), None)
-        dry.load()
-        offsets = {}
-        for key in map(str, keys):
-            if key not in dry.found:
-                raise ValueError(f"{path}: storage {key} is listed but never used")
-            dtype, numel = dry.found[key]
-            f.seek(position)
-            count = int.from_bytes(f.read(8), "little", signed=True)
-            if count != numel:
-                raise ValueError(f"{path}: storage {key} holds {count} elements, not {numel}")
-            offsets[key] = (position + 8, numel * dtype.itemsize)
-            position += 8 + numel * dtype.itemsize
+            info = archive.getinfo(name)
+        except KeyError:
+            raise CheckpointFormatError(f"{path}: no {name} in the archive") from None
+        if info.file_size > _MAX_EXPANSION * info.compress_size + (1 << 20):
+            raise CheckpointFormatError(
+                f"{path}: {name} declares {info.file_size} bytes from {info.compress_size}"
+            )
+        return archive.read(info)
 
-        def storage(key):
-            if key not in offsets:
-                raise ValueError(f"{path}: no storage {key} in the file")
-            offset, size = offsets[key]
-            f.seek(offset)
-            data = f.read(size)
-            if len(data) != size:
-                raise ValueError(f"{path}: truncated (storage {key})")
-            return data
+    return _Unpickler(io.BytesIO(read(pkl[0])), lambda key: read(f"{root}/data/{key}")).load()
 
-        return _LegacyUnpickler(io.BytesIO(obj_pickle), storage).load()
+
+# What a damaged or crafted file can make the zip reader or the unpickler raise.
+_DAMAGE = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+    NotImplementedError,
+    UnicodeDecodeError,
+    struct.error,
+)
 
 
 def load(path: str, pickle_name: str = "data.pkl"):
@@ -206,25 +331,21 @@ def load(path: str, pickle_name: str = "data.pkl"):
     of a legacy (pre-1.6, non-zip) torch.save file.
 
     Tensors become numpy arrays; TorchScript objects become ScriptObject with `.state`.
+    Raises CheckpointFormatError (a ValueError; UnsafePickleError for refused code) with one
+    line naming the file for anything unreadable, damaged, inconsistent or hostile.
     """
     try:
-        is_zip = zipfile.is_zipfile(path)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
-    if not is_zip:
-        return _load_legacy(path)
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path}: not a PyTorch zip checkpoint ({e})") from None
-    with archive:
-        names = archive.namelist()
-        pkl = [n for n in names if n.endswith("/" + pickle_name) and n.count("/") == 1]
-        if not pkl:
-            raise ValueError(f"{path}: no {pickle_name} in the archive")
-        root = pkl[0].split("/")[0]
-
-        def storage(key):
-            return archive.read(f"{root}/data/{key}")
-
-        return _Unpickler(io.BytesIO(archive.read(pkl[0])), storage).load()
+        with open(path, "rb") as f:
+            if not zipfile.is_zipfile(f):
+                return _load_legacy(path, f)
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive:
+                return _load_zip(path, archive, pickle_name)
+    except CheckpointFormatError as e:
+        message = str(e) if str(e).startswith(f"{path}:") else f"{path}: {e}"
+        raise type(e)(message) from None
+    except _DAMAGE as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointFormatError(
+            f"{path}: damaged or unreadable checkpoint ({type(e).__name__}: {detail})"
+        ) from None
