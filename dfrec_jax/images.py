@@ -1,9 +1,10 @@
 """Reading and writing face images as float32 [H,W,3] arrays in [0,1]."""
 
+import io
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -12,16 +13,98 @@ class ImageError(ValueError):
     """An input image that cannot be used; the message is one line naming the file."""
 
 
-def load_rgb(path: str, size: int) -> np.ndarray:
-    """Reads `path` as RGB float32 [size,size,3] in [0,1], resizing square inputs if needed."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Modes whose conversion to 8-bit RGB is exact or a fixed, documented rule.
+_HIGH_DEPTH_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_REFUSED_MODES = {
+    "CMYK": "CMYK colour: convert it to RGB with its colour profile first",
+    "F": "32-bit float pixels have no defined range: convert to 8 or 16 bits first",
+    "LAB": "Lab colour: convert it to RGB first",
+    "HSV": "HSV colour: convert it to RGB first",
+    "YCbCr": "raw YCbCr pixels: convert it to RGB first",
+}
+
+
+def to_rgb8(im: Image.Image) -> tuple[np.ndarray, list[str]]:
+    """A decoded Pillow image as uint8 RGB [H,W,3] plus what was done to get there, in words
+    (empty for an 8-bit RGB image): EXIF orientation applied; grey, bilevel and palette
+    expanded exactly; 16-bit grey scaled to 8 bits (v * 255 / 65535, rounded); a fully opaque
+    alpha channel dropped; the first frame of a multi-frame file taken. Refused with
+    ImageError (the reason, without the path): transparent pixels (the model would see
+    whatever they are composited on), CMYK / float / other colour spaces."""
+    notes = []
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"first of {frames} frames")
+    orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
+    if orientation not in (1, None):
+        im = ImageOps.exif_transpose(im)
+        notes.append(f"EXIF orientation {orientation} applied")
+    mode = im.mode
+    if mode in _REFUSED_MODES:
+        raise ImageError(_REFUSED_MODES[mode])
+    if mode in _HIGH_DEPTH_GREY:
+        grey = np.asarray(im).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ImageError(f"{mode} pixels outside 0..65535: not a 16-bit image")
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round half up
+        notes.append(f"16-bit greyscale ({mode}) scaled to 8 bits and replicated to RGB")
+        return np.repeat(grey8[..., None], 3, axis=-1), notes
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "PA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = np.asarray(im.getchannel("A"))
+        if alpha.min() < 255:
+            raise ImageError(
+                f"{int((alpha < 255).sum())} transparent pixels (alpha): flatten the image "
+                "onto the background you mean first"
+            )
+        notes.append(f"fully opaque alpha channel dropped ({mode})")
+    elif mode in ("L", "1"):
+        notes.append(f"{'greyscale' if mode == 'L' else 'bilevel'} replicated to RGB")
+    elif mode == "P":
+        notes.append("palette colours expanded to RGB")
+    elif mode == "RGBX":
+        notes.append("padding channel dropped (RGBX)")
+    elif mode != "RGB":
+        raise ImageError(f"unsupported pixel mode {mode}")
+    return np.asarray(im.convert("RGB")), notes
+
+
+def decode_rgb8(data: bytes) -> tuple[np.ndarray, list[str]]:
+    """Decodes image file bytes with `to_rgb8`; ImageError (without the path) otherwise."""
+    if not data:
+        raise ImageError("empty file")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb, notes = to_rgb8(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (no known image format)") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes
+        raise ImageError(f"corrupt image ({type(e).__name__}: {e})") from None
+    if data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
+        # Pillow opens 16-bit-per-channel colour PNGs as 8-bit modes (it keeps the high byte).
+        notes.append("16 bits per channel reduced to 8 (high byte)")
+    return rgb, notes
+
+
+def load_rgb(path: str, size: int) -> np.ndarray:
+    """Reads `path` as RGB float32 [size,size,3] in [0,1] (decoded by `to_rgb8`), resizing
+    square inputs if needed."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read file ({e.strerror or e})") from None
+    try:
+        rgb = Image.fromarray(decode_rgb8(data)[0])
+    except ImageError as e:
+        raise ImageError(f"{path}: {e}") from None
     if rgb.size != (size, size):
         if rgb.size[0] != rgb.size[1]:
             raise ImageError(

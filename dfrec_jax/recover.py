@@ -55,7 +55,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dfrec_jax import images as image_io
 from dfrec_jax import trained as trained_lib
@@ -81,23 +81,17 @@ _OVERLAY_COLOUR = np.array([255.0, 0.0, 0.0])  # forged pixels tinted red in the
 _OVERLAY_ALPHA = 0.5
 
 
-def read_rgb8(path: str) -> tuple[bytes, np.ndarray]:
-    """(file bytes, uint8 RGB [H,W,3] decoded from exactly those bytes); raises
-    images.ImageError with a one-line reason (without the path)."""
+def read_rgb8(path: str) -> tuple[bytes, np.ndarray, list[str]]:
+    """(file bytes, uint8 RGB [H,W,3] decoded from exactly those bytes, the conversions
+    applied in words: images.to_rgb8); raises images.ImageError with a one-line reason
+    (without the path)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise image_io.ImageError(f"cannot read file ({e.strerror or e})") from None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError:
-        raise image_io.ImageError("not an image (no known image format)") from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is a skip
-        raise image_io.ImageError(f"corrupt image ({type(e).__name__}: {e})") from None
-    return data, rgb
+    rgb, notes = image_io.decode_rgb8(data)
+    return data, rgb, notes
 
 
 def png_bytes(image_uint8: np.ndarray) -> bytes:
@@ -135,23 +129,23 @@ def dumps(record: dict) -> str:
 def list_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """(image paths in processing order, (path, reason) for inputs that name nothing usable).
 
-    Folders contribute their own image files (by suffix, sorted, not sub-folders); files are
-    taken as given whatever their suffix (a non-image fails later, with a reason). A file
-    reached twice (same real path) is processed once, at its first place.
+    Folders contribute their own image files (by suffix, sorted, not sub-folders); every other
+    entry of a folder (sub-folder, other suffix, dangling link, device) is listed with its
+    reason. Files are taken as given whatever their suffix (a non-image fails later, with a
+    reason). A file reached twice (same real path) is processed once, at its first place.
     """
     paths, bad, seen = [], [], set()
     for given in inputs:
         if os.path.isdir(given):
-            found = sorted(
-                os.path.join(given, name)
-                for name in os.listdir(given)
-                if name.lower().endswith(image_io.IMAGE_SUFFIXES)
-                and os.path.isfile(os.path.join(given, name))
-            )
+            found, others = _folder_entries(given)
+            bad += others
             if not found:
                 bad.append((given, "folder has no image files (.jpg .jpeg .png .bmp .webp)"))
         elif os.path.exists(given):
             found = [given]
+        elif os.path.islink(given):
+            bad.append((given, "dangling symbolic link"))
+            found = []
         else:
             bad.append((given, "no such file or folder"))
             found = []
@@ -160,6 +154,25 @@ def list_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
                 seen.add(os.path.realpath(path))
                 paths.append(path)
     return paths, bad
+
+
+def _folder_entries(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(image files, (path, reason) for every other entry): nothing in a folder is passed
+    over in silence."""
+    found, others = [], []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            others.append((path, "sub-folder (not searched)"))
+        elif not name.lower().endswith(image_io.IMAGE_SUFFIXES):
+            others.append((path, "not an image file name (.jpg .jpeg .png .bmp .webp)"))
+        elif os.path.isfile(path):
+            found.append(path)
+        elif os.path.islink(path) and not os.path.exists(path):
+            others.append((path, "dangling symbolic link"))
+        else:
+            others.append((path, "not a regular file"))
+    return found, others
 
 
 def output_names(stem: str) -> list[str]:
@@ -300,6 +313,9 @@ class _Recoverer:
                 "absolute_path": os.path.abspath(item["path"]),
                 "width": item["original"].shape[1],
                 "height": item["original"].shape[0],
+                # How the file's pixels became the 8-bit RGB the model saw (images.to_rgb8);
+                # empty: stored as 8-bit RGB.
+                "conversions": item["conversions"],
             },
             "input_sha256": item["sha256"],
             "model_input": {
@@ -366,8 +382,9 @@ def _describe_detector(detector) -> dict:
 
 def _prepare(path: str, stem: str, size: int, detector, detector_info) -> dict:
     """The model input for one file (raises images.ImageError with the reason)."""
-    data, rgb = read_rgb8(path)
-    item = {"path": path, "stem": stem, "sha256": sha256(data), "original": rgb, "align": None}
+    data, rgb, conversions = read_rgb8(path)
+    item = {"path": path, "stem": stem, "sha256": sha256(data), "original": rgb, "align": None,
+            "conversions": conversions}  # fmt: skip
     if detector is None:
         if rgb.shape[:2] != (size, size):
             raise image_io.ImageError(

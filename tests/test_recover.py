@@ -57,7 +57,7 @@ def _u8(float_image):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """inputs/: 3 good faces, a truncated PNG, a 48 px face, a text file named .jpg and a
-    sub-folder (not read); other/a.png: a 4th face with a stem that is already taken;
+    sub-folder (not read, listed as skipped); other/a.png: a 4th face with a stem that is already taken;
     readme.txt: a text file given by name."""
     root = tmp_path_factory.mktemp("inputs")
     faces = _u8(lfw.real_faces(5, SIZE))
@@ -87,6 +87,7 @@ def inputs(tmp_path_factory):
             folder / "notes.jpg",
             root / "readme.txt",
         ],
+        "sub": folder / "sub",
     }
 
 
@@ -133,18 +134,19 @@ def test_every_readable_image_gets_its_files(first, inputs):
             assert (im.mode, im.size) == ("L", (SIZE, SIZE))
         with Image.open(out / f"{stem}_panel.png") as im:
             assert im.size == (4 * SIZE, SIZE)
-    assert "recovered 4, skipped 4" in first["stdout"] and str(out) in first["stdout"]
+    assert "recovered 4, skipped 5" in first["stdout"] and str(out) in first["stdout"]
 
 
 def test_bad_inputs_give_one_line_each(first, inputs):
     lines = first["stderr"].strip().splitlines()
-    assert len(lines) == len(inputs["bad"]), lines
+    assert len(lines) == len(inputs["bad"]) + 1, lines  # + the sub-folder
     by_path = {line.split(": ")[1]: line for line in lines}
     assert all(line.startswith("skip: ") for line in lines)
     assert "48x48 pixels" in by_path[str(inputs["bad"][0])]
     assert "corrupt image" in by_path[str(inputs["bad"][1])]
     assert "not an image" in by_path[str(inputs["bad"][2])]
     assert "not an image" in by_path[str(inputs["bad"][3])]
+    assert "sub-folder (not searched)" in by_path[str(inputs["sub"])]
 
 
 def test_record_fields(first, inputs, workdir):
@@ -284,6 +286,46 @@ def test_all_bad_or_no_inputs_fail(inputs, workdir, nets, tmp_path, capsys):
     assert err[0].startswith(f"skip: {tmp_path / 'empty'}: folder has no image files")
     assert err[1] == f"skip: {missing}: no such file or folder"
     assert err[2].startswith("error: no input images") and len(err) == 3
+
+
+def test_every_folder_entry_is_recovered_or_skipped(workdir, nets, tmp_path, capsys):
+    """Pixel modes converted deliberately (and said in the record) or refused with the reason;
+    empty files, dangling links and other entries each get their skip line."""
+    face = _u8(lfw.real_faces(1, SIZE)[0])
+    grey = np.asarray(Image.fromarray(face).convert("L"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "grey16.png")  # I;16
+    Image.fromarray(grey).save(folder / "grey8.png")
+    rgba = np.concatenate([face, np.full((SIZE, SIZE, 1), 255, np.uint8)], -1)
+    Image.fromarray(rgba).save(folder / "opaque.png")
+    rgba[0, 0, 3] = 0
+    Image.fromarray(rgba).save(folder / "holes.png")
+    Image.fromarray(face).convert("CMYK").save(folder / "cmyk.jpg")
+    (folder / "empty.png").write_bytes(b"")
+    os.symlink(tmp_path / "gone.png", folder / "dangling.png")
+    (folder / "notes.txt").write_text("case notes\n")
+    code, stdout, err = _run(capsys, [str(folder)], tmp_path / "out", workdir=workdir, nets=nets)
+    assert code == 0 and "recovered 3, skipped 5" in stdout, (stdout, err)
+    reasons = {os.path.basename(line.split(": ")[1]): line for line in err}
+    assert "transparent pixels" in reasons["holes.png"]
+    assert "CMYK colour" in reasons["cmyk.jpg"]
+    assert reasons["empty.png"].endswith(": empty file")
+    assert reasons["dangling.png"].endswith(": dangling symbolic link")
+    assert "not an image file name" in reasons["notes.txt"]
+    conversions = {
+        stem: _record(tmp_path / "out", stem)["input"]["conversions"]
+        for stem in ("grey16", "grey8", "opaque")
+    }
+    assert conversions == {
+        "grey16": ["16-bit greyscale (I;16) scaled to 8 bits and replicated to RGB"],
+        "grey8": ["greyscale replicated to RGB"],
+        "opaque": ["fully opaque alpha channel dropped (RGBA)"],
+    }
+    # The 16-bit file and its 8-bit version are the same face to the model: same record numbers.
+    a, b = _record(tmp_path / "out", "grey16"), _record(tmp_path / "out", "grey8")
+    assert a["identity_similarity_input_target"] == b["identity_similarity_input_target"]
+    assert a["outputs"]["target"]["sha256"] == b["outputs"]["target"]["sha256"]
 
 
 def test_duplicate_stems_are_numbered_in_order():
