@@ -24,7 +24,10 @@ run overrode eval.identity_weights / eval.dlib_weights, which trace then does no
 The report (default RECOVERY_DIR/trace.json) has sorted keys, floats rounded like recover's
 records, and no timestamps: the same gallery and recovery folder give the same bytes. A table
 goes to stdout. The exit code is 1, with one line, when the gallery has no readable image or
-the recovery folder has no recovered face.
+the recovery folder has no recovered face; it is EXIT_RECORD_MISMATCH (3), after the report is
+written, when a ranked face file no longer matches the sha256 its evidence record lists (or the
+record is unreadable): one `warning:` line per such file on stderr, and
+`file_matches_record: false` in the report.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from dfrec_jax.eval import identity
 from dfrec_jax.train import workdir as workdir_lib
 
 FORMAT = "dfrec_jax trace report, version 1"
-DLIB_SAME_PERSON = 0.6  # dlib's threshold on the Euclidean distance of descriptors
+DLIB_SAME_PERSON = 0.6
+EXIT_RECORD_MISMATCH = 3  # the report is written, but a face file differs from its record  # dlib's threshold on the Euclidean distance of descriptors
 ROLES = ("source", "target")
 
 
@@ -340,4 +344,26 @@ def run(
     recover.write_atomic(output, recover.dumps(report).encode())
     print(_table(reported))
     print(f"ranked {len(names)} people for {len(faces)} recovered faces -> {output}")
-    return 0
+    return EXIT_RECORD_MISMATCH if _warn_record_mismatches(reported) else 0
+
+
+def _warn_record_mismatches(reported: list[dict]) -> int:
+    """One warning line per face whose file differs from (or cannot be checked against) its
+    evidence record; returns how many."""
+    count = 0
+    for face in reported:
+        record = face["record"]
+        if record is None:
+            continue
+        if "unreadable" in record:
+            problem = f"its evidence record {record['file']} is unreadable ({record['unreadable']})"
+        elif not record["file_matches_record"]:
+            problem = (
+                f"sha256 {face['sha256'][:16]}... differs from the one its evidence record "
+                f"{record['file']} lists: the file was changed after recover wrote it"
+            )
+        else:
+            continue
+        print(f"warning: {face['file']}: {problem}", file=sys.stderr)
+        count += 1
+    return count
