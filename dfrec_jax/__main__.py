@@ -12,9 +12,14 @@ recover, trace and export read the config of the run they use (its config.json):
 no --config.
 
 A `--config.a.b=v` naming a key the config does not have stops with one line naming the key.
+
+Errors a user causes (paths, permissions, config files and values, unreadable inputs) end the
+command with one `error: ...` line and exit code 1 (2 for usage); output folders and files
+are checked before any model is built or compiled.
 """
 
 import json
+import os
 import re
 import sys
 
@@ -127,6 +132,71 @@ def parse_flags(argv):
         sys.exit(2)
 
 
+class UserError(ValueError):
+    """A problem with what the user asked for: reported as one line."""
+
+
+def _writable_folder(path: str, flag: str) -> None:
+    """`path` is (or can be made) a folder this process can write into."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: folder is not writable")
+
+
+def _writable_file(path: str, flag: str) -> None:
+    """`path` can be written as a file: not a folder, its folder exists and is writable."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.W_OK)
+    ):
+        raise UserError(f"{flag} {path}: not writable")
+
+
+def _check_paths(command: str) -> None:
+    """Run folders to read, then output locations, checked before anything is built (a bad
+    one must not cost a compile); no output folder is created for a command that fails here."""
+    for flag, value in (("--workdir", _WORKDIR.value), ("--checkpoint", _CHECKPOINT.value)):
+        if command in ("recover", "export", "eval") and value and not os.path.isdir(value):
+            what = "not a folder" if os.path.exists(value) else "not found"
+            raise UserError(f"{flag} {value}: {what}")
+    output = _OUTPUT.value
+    if command == "trace":
+        if output:
+            _writable_file(output, "--output")
+        elif len(_INPUT.value) == 1 and os.path.isdir(_INPUT.value[0]):
+            _writable_folder(_INPUT.value[0], "--input (trace.json is written there)")
+    elif command in ("recover", "export", "samples") and output:
+        _writable_folder(output, "--output")
+    elif command == "forward":
+        _writable_folder(output or "runs/demo/forward", "--output")
+    elif command in ("train", "sweep") and _WORKDIR.value:
+        _writable_folder(_WORKDIR.value, "--workdir")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean a bad path, value or input (TensorFlow's only if it is
+    already imported: it is never imported for this)."""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and hasattr(tf, "errors"):
+        errors += (tf.errors.OpError,)
+    return errors
+
+
 def _no_config_command(command: str) -> int:
     """recover / trace / export: they read the run's own config."""
     if command == "trace":
@@ -169,9 +239,19 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m dfrec_jax {{{'|'.join(COMMANDS)}}} --config FILE")
     command = argv[1]
-    if _CONFIG.value is None and command not in NO_CONFIG:
+    config = None if command in NO_CONFIG else _CONFIG.value
+    try:
+        # A config file that failed to load comes back as a stand-in that raises its loading
+        # error on first use: use it here, so the error is one line before anything runs.
+        config is None or config.keys()
+    except OSError as e:
+        reason = re.sub(r"\s+", " ", str(e)).split("Attempted")[-1].strip()
+        print(f"error: --config: {reason}", file=sys.stderr)
+        return 1
+    if config is None and command not in NO_CONFIG:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     try:
+        _check_paths(command)
         if command in NO_CONFIG:
             return _no_config_command(command)
         if command == "eval":
@@ -225,8 +305,8 @@ def main(argv):
             bench.run(
                 _WHAT.value, _CONFIG.value, batch_sizes=batch_sizes, repeats=_REPEATS.value, **extra
             )
-    except (ValueError, FileNotFoundError) as e:  # people errors: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except _user_errors() as e:  # people errors: one line, no traceback
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -161,9 +161,10 @@ def load(
     with checkpoints.Checkpointer(ckpt_dir, save_every=1, keep=1, read_only=True) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (train first)")
-        step = step if step is not None else ckpt.latest_step()
-        # Parameters and batch statistics only: the optimizer state is never read.
+        # Parameters and batch statistics only: the optimizer state is never read. Without
+        # `step`, the newest intact checkpoint (a damaged newer one is named on stderr).
         variables = ckpt.restore_variables(target, step)
+        step = ckpt.restored_step
     hash_path = os.path.join(os.path.dirname(config_path), "config_hash.txt")
     if os.path.exists(hash_path):
         with open(hash_path) as f:

@@ -23,7 +23,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfrec_jax.train.checkpoints import Checkpointer
+from dfrec_jax.train.checkpoints import (
+    CheckpointDamagedError,
+    Checkpointer,
+    CheckpointMismatchError,
+)
 from dfrec_jax.train.preemption import PreemptionGuard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,7 +305,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 try:
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from dfrec_jax.train.checkpoints import Checkpointer
+    from dfrec_jax.train.checkpoints import (
+    CheckpointDamagedError,
+    Checkpointer,
+    CheckpointMismatchError,
+)
 
     directory = sys.argv[1]
     ckpt = Checkpointer(directory, save_every=1, keep=3)
@@ -405,3 +413,110 @@ def test_preemption_guard_off_main_thread_is_noop():
     t.start()
     t.join()
     assert seen == {"handler": before, "stop": False}
+
+
+def _tree_files(directory):
+    return {
+        os.path.relpath(os.path.join(root, f), directory): open(os.path.join(root, f), "rb").read()
+        for root, _, files in os.walk(directory)
+        for f in files
+    }
+
+
+def _truncate_data_files(step_dir):
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(root) == "d":
+            for f in files:
+                path = os.path.join(root, f)
+                with open(path, "r+b") as handle:
+                    handle.truncate(os.path.getsize(path) // 2)
+
+
+def _remove_manifests(step_dir):
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for f in files:
+            if f == "manifest.ocdbt":
+                os.remove(os.path.join(root, f))
+
+
+def _variables(value):
+    return {
+        "params": {"w": jnp.full((64, 8), value, jnp.float32)},
+        "batch_stats": {"m": jnp.full((3,), value, jnp.float32)},
+        "opt": jnp.full((64, 8), -value, jnp.float32),
+        "step": jnp.int32(value),
+    }
+
+
+@pytest.mark.parametrize("damage", [_truncate_data_files, _remove_manifests])
+def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, capsys, damage):
+    """The newest step damaged: restore and restore_variables read the next older step with a
+    warning naming the damaged one; asked for by number it is one line; nothing on disk
+    changes; every step damaged is one line."""
+    directory = str(tmp_path / "run")
+    with Checkpointer(directory, save_every=1, keep=3) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, _variables(step), {"next_batch": step})
+    damage(os.path.join(directory, "3"))
+    before = _tree_files(directory)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), _variables(0)
+    )
+    ckpt = Checkpointer(directory, save_every=1, keep=3)
+    variables = ckpt.restore_variables({k: abstract[k] for k in ("params", "batch_stats")})
+    assert float(variables["params"]["w"][0, 0]) == 2 and ckpt.restored_step == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("warning: ") for line in err), err
+    assert "step 3" in err[0] and "damaged" in err[0]
+    assert err[1].startswith(f"warning: restored step 2 of {directory} instead of the newest")
+    state, data = ckpt.restore(abstract)
+    assert ckpt.restored_step == 2 and len(capsys.readouterr().err.splitlines()) == 2
+    assert int(state["step"]) == 2 and data == {"next_batch": 2}
+    np.testing.assert_array_equal(state["opt"], -2.0)
+    with pytest.raises(CheckpointDamagedError, match=r"^checkpoint step 3 in .* could not be read: step 3: ") as info:  # fmt: skip
+        ckpt.restore_variables({k: abstract[k] for k in ("params", "batch_stats")}, step=3)
+    assert "\n" not in str(info.value)
+    for step in ("1", "2"):
+        damage(os.path.join(directory, step))
+    with pytest.raises(CheckpointDamagedError, match=r"^no intact checkpoint in .*step 3: .*step 2: .*step 1: "):  # fmt: skip
+        ckpt.restore_variables({k: abstract[k] for k in ("params", "batch_stats")})
+    ckpt.close()
+    after = _tree_files(directory)
+    for name in before:  # step 3 as the restores found it: nothing removed or rewritten
+        if name.split(os.sep)[0] == "3":
+            assert after.get(name) == before[name], name
+
+
+def test_missing_metadata_file_reads_right_or_falls_back(tmp_path, capsys):
+    """Without state/_METADATA a restore with a full target still reads the arrays; whatever
+    step it reads, its values are that step's."""
+    directory = str(tmp_path / "run")
+    with Checkpointer(directory, save_every=1, keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, _variables(step), {"next_batch": step})
+    os.remove(os.path.join(directory, "2", "state", "_METADATA"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), _variables(0)
+    )
+    with Checkpointer(directory, save_every=1, keep=3, read_only=True) as ckpt:
+        variables = ckpt.restore_variables({k: abstract[k] for k in ("params", "batch_stats")})
+        np.testing.assert_array_equal(variables["params"]["w"], float(ckpt.restored_step))
+        state, _ = ckpt.restore(abstract)
+        assert int(state["step"]) == ckpt.restored_step
+        np.testing.assert_array_equal(state["opt"], -float(ckpt.restored_step))
+
+
+def test_config_mismatch_is_not_taken_for_damage(tmp_path, capsys):
+    directory = str(tmp_path / "run")
+    with Checkpointer(directory, save_every=1, keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, _variables(step), {"next_batch": step})
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    other = dict(_variables(0), extra=jnp.zeros(2))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), other)
+    ckpt = Checkpointer(directory, save_every=1, keep=3, read_only=True)
+    with pytest.raises(CheckpointMismatchError, match=r"step 2 .*extra: not in the checkpoint"):
+        ckpt.restore(abstract)
+    assert capsys.readouterr().err == ""  # no fallback attempted: older steps have the same shapes

@@ -249,18 +249,26 @@ def test_save_run_metadata_and_changed_config(tmp_path, caplog):
         assert workdir_lib.save_run_metadata(workdir, _config()) == digest
     assert set(os.listdir(workdir)) == names and not caplog.records
 
-    # Resumed with another log interval: kept on record beside the original, with a warning.
+    # Resumed with another log interval: config.json is the new config (what later commands
+    # read), the previous one kept beside it, with a warning.
     changed = _config(log_every=50)
     with caplog.at_level("WARNING"):
-        new_digest = workdir_lib.save_run_metadata(workdir, changed)
+        new_digest = workdir_lib.save_run_metadata(workdir, changed, resumed=True)
     assert new_digest == workdir_lib.config_hash(changed) != digest
     extra = sorted(set(os.listdir(workdir)) - names)
     assert len(extra) == 1 and re.fullmatch(r"config\.\d{8}T\d{6}\.\d{6}Z\.json", extra[0])
     with open(os.path.join(workdir, extra[0])) as f:
-        assert json.load(f)["train"]["log_every"] == 50
-    with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["train"]["log_every"] == 10
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["log_every"] == 50
+    with open(os.path.join(workdir, "config_hash.txt")) as f:
+        assert f.read().strip() == new_digest
     assert any(new_digest in r.getMessage() and digest in r.getMessage() for r in caplog.records)
-    # The changed config again: already on record, no second copy.
-    workdir_lib.save_run_metadata(workdir, changed)
+    # The changed config again: already config.json, no second copy.
+    workdir_lib.save_run_metadata(workdir, changed, resumed=True)
     assert sorted(set(os.listdir(workdir)) - names) == extra
+    # A fresh run (no checkpoint: an earlier attempt failed) replaces config.json outright.
+    workdir_lib.save_run_metadata(workdir, _config(log_every=7))
+    assert sorted(set(os.listdir(workdir)) - names) == extra
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["log_every"] == 7

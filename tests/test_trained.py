@@ -115,3 +115,27 @@ def test_restore_variables_names_a_shape_mismatch(run_dir):
         with pytest.raises(ValueError, match=r"params/tirm/decoder_blocks_0/attn/proj/kernel: checkpoint shape \(32, 32\)"):
             ckpt.restore_variables(target, 3)
 
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, run_dir, capsys):
+    """A copy of the run whose newest step (4, a copy of 3) has truncated data files: load
+    reads step 3 with one warning naming step 4; asking for step 4 is one line."""
+    import shutil
+
+    from dfrec_jax.train import checkpoints
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy)
+    newest = os.path.join(copy, "checkpoints", "4")
+    shutil.copytree(os.path.join(copy, "checkpoints", "3"), newest)
+    for root, _, files in os.walk(os.path.join(newest, "state")):
+        for f in files:
+            if os.path.basename(root) == "d":
+                os.truncate(os.path.join(root, f), 10)
+    model = trained.load(workdir=copy)
+    assert model.step == 3
+    assert model.params_sha256 == trained.load(workdir=run_dir).params_sha256
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "checkpoint step 4" in err[0] and "damaged" in err[0], err
+    with pytest.raises(checkpoints.CheckpointDamagedError, match="^checkpoint step 4 in "):
+        trained.load(workdir=copy, step=4)

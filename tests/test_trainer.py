@@ -168,3 +168,34 @@ def test_nonfinite_guard_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     assert steps and max(steps) <= 4  # nothing was saved after the streak began to count
     scalars = metric_writer.read_scalars(str(workdir))
     assert [v for _, v in scalars["nonfinite"]][:3] == [1.0, 1.0, 1.0]
+
+
+def test_config_is_on_record_only_once_the_model_builds(data, tmp_path, reference):
+    """A first run whose model cannot be built leaves no config.json (recover would read it);
+    a resume whose config changes array shapes is refused with one line before anything is
+    compiled, and the run's config.json is untouched."""
+    import shutil
+
+    from dfrec_jax.train import checkpoints as checkpoints_lib
+
+    def config(**model):
+        c = tiny.tiny_config()
+        c.data.update(lfw_dir=data["lfw_dir"], data_dir=data["data_dir"])
+        c.train.update(steps=STEPS + 2, checkpoint_every=2, image_every=0, eval_every=0)
+        c.model.tirm.update(model)
+        return c
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError):
+        trainer.train(config(decoder_heads=3), str(fresh), loss_nets=tiny.tiny_loss_nets())
+    assert not (fresh / "config.json").exists()
+
+    run = tmp_path / "run"
+    shutil.copytree(reference["workdir"], run)
+    before = (run / "config.json").read_bytes()
+    wider = config(decoder_width=2 * tiny.tiny_config().model.tirm.decoder_width)
+    with pytest.raises(checkpoints_lib.CheckpointMismatchError, match=r"checkpoint shape") as info:
+        trainer.train(wider, str(run), loss_nets=tiny.tiny_loss_nets())
+    assert "\n" not in str(info.value)
+    assert (run / "config.json").read_bytes() == before
+    assert not list(run.glob("config.*.json"))

@@ -14,6 +14,13 @@ opening the directory removes it in a background thread, finished before its fir
 
 Retention: the newest `keep` checkpoints plus the best one by `best_metric`. Checkpoints saved
 without that metric (periodic saves between evaluations) are kept only while among the newest.
+
+Damage: restoring the newest checkpoint (step None) that turns out unreadable (a truncated
+data file, a missing metadata file, ...) falls back to the next older one, with one
+`warning:` line on stderr naming the damaged step and why; `restored_step` says which step was
+read. A shape mismatch with the target is a config problem, not damage: it is raised at once
+(CheckpointMismatchError). No intact checkpoint, or a damaged step asked for by number, is one
+CheckpointDamagedError line. A failed restore never deletes or changes anything on disk.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +51,61 @@ class _DropMissingMetricsWarning(logging.Filter):
 _absl_logger = logging.getLogger("absl")
 if not any(isinstance(f, _DropMissingMetricsWarning) for f in _absl_logger.filters):
     _absl_logger.addFilter(_DropMissingMetricsWarning())
+
+
+class _DropOrphanedRestoreErrors(logging.Filter):
+    # When one array of a damaged checkpoint fails to read, orbax's sibling read tasks fail too
+    # and asyncio logs each unretrieved one with a traceback when it is collected; the restore
+    # already reported the damage in one line (see _restore_with_fallback).
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("exception was never retrieved" in message and "orbax" in message)
+
+
+_asyncio_logger = logging.getLogger("asyncio")
+if not any(isinstance(f, _DropOrphanedRestoreErrors) for f in _asyncio_logger.filters):
+    _asyncio_logger.addFilter(_DropOrphanedRestoreErrors())
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's arrays do not fit the state to restore (a different model config)."""
+
+
+class CheckpointDamagedError(ValueError):
+    """No readable checkpoint where one was asked for: one line naming the steps and why."""
+
+
+def _orphaned_read_callback(exc: BaseException | None) -> bool:
+    """True for the error tensorstore's reader threads hit when a damaged checkpoint's other
+    array reads finish after orbax closed its event loop (each would print a traceback; the
+    restore reports the damage itself, in one line)."""
+    return (
+        isinstance(exc, RuntimeError)
+        and str(exc) == "Event loop is closed"
+        and threading.current_thread() is not threading.main_thread()
+    )
+
+
+def _install_quiet_hooks() -> None:
+    if getattr(sys.excepthook, "_dfrec_quiet", False):
+        return
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(kind, value, tb):
+        if not _orphaned_read_callback(value):
+            excepthook(kind, value, tb)
+
+    def quiet_unraisablehook(info):
+        if not _orphaned_read_callback(info.exc_value):
+            unraisablehook(info)
+
+    quiet_excepthook._dfrec_quiet = True
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split())  # orbax / tensorstore messages span lines
+    return f"{type(error).__name__}: {text[:300]}"
 
 
 def _to_json(value: Any) -> Any:
@@ -87,6 +151,7 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
         self.save_every = save_every
         self.keep = keep
+        self.restored_step: int | None = None  # the step the last restore actually read
         self.best_metric = best_metric
         self.best_mode = best_mode
 
@@ -205,51 +270,81 @@ class Checkpointer:
         return bool(self._manager.save(step, args=args, metrics=tracked, force=True))
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Read `step` (latest when None) into the layout of `abstract_state`.
+        """Read `step` (the newest intact one when None) into the layout of `abstract_state`.
 
         `abstract_state`: a pytree of jax.ShapeDtypeStruct with `.sharding` set (or of
         jax.Arrays, whose shardings are used), for the mesh the state is restored onto; it may
         differ from the mesh the checkpoint was saved from. Returns (state, data_state).
         """
         self.wait()  # a save still being written is not readable yet
-        step = self._resolve_step(step)
         target = _abstract_target(abstract_state)
-        self._check_shapes(step, target)
-        try:
+
+        def read(step: int):
+            self._check_shapes(step, target)
             out = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
                 ),
             )
-        except ValueError as e:  # e.g. orbax's tree-structure mismatch report
-            raise ValueError(f"{self._mismatch(step)}: {e}") from e
-        return out["state"], dict(out["data"])
+            return out["state"], dict(out["data"])
+
+        return self._restore_with_fallback(step, read)
 
     def restore_variables(self, abstract_variables: Any, step: int | None = None) -> Any:
-        """Only the model variables of `step` (latest when None): the state's `params` and
-        `batch_stats`, read into the layout of `abstract_variables` ({"params": ...,
-        "batch_stats": ...} of jax.ShapeDtypeStruct with `.sharding`). The optimizer state,
-        step, rng and counters are never read, so inference needs no optimizer (its config
-        may differ from the run's) and reads about a third of a train state's bytes."""
+        """Only the model variables of `step` (the newest intact one when None): the state's
+        `params` and `batch_stats`, read into the layout of `abstract_variables` ({"params":
+        ..., "batch_stats": ...} of jax.ShapeDtypeStruct with `.sharding`). The optimizer
+        state, step, rng and counters are never read, so inference needs no optimizer (its
+        config may differ from the run's) and reads about a third of a train state's bytes."""
         self.wait()
-        step = self._resolve_step(step)
         target = {k: _abstract_target(abstract_variables[k]) for k in ("params", "batch_stats")}
-        self._check_shapes(step, target)
         restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
-        # The manager's StandardCheckpointHandler has no partial restore; the "state" item is
-        # an ordinary PyTree checkpoint on disk, which PyTreeCheckpointer reads in part.
-        path = os.path.join(self.directory, str(step), "state")
-        try:
+
+        def read(step: int):
+            self._check_shapes(step, target, partial=True)
+            # The manager's StandardCheckpointHandler has no partial restore; the "state" item
+            # is an ordinary PyTree checkpoint on disk, which PyTreeCheckpointer reads in part.
+            path = os.path.join(self.directory, str(step), "state")
             out = ocp.PyTreeCheckpointer().restore(
                 path,
                 args=ocp.args.PyTreeRestore(
                     item=target, restore_args=restore_args, partial_restore=True
                 ),
             )
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{self._mismatch(step)}: {e}") from e
-        return {"params": out["params"], "batch_stats": out["batch_stats"]}
+            return {"params": out["params"], "batch_stats": out["batch_stats"]}
+
+        return self._restore_with_fallback(step, read)
+
+    def _restore_with_fallback(self, step: int | None, read):
+        """read(step) for the asked step, or for the newest step that reads (see the module
+        docstring); damage is reported, never repaired or deleted."""
+        candidates = [self._resolve_step(step)] if step is not None else self.all_steps()[::-1]
+        if not candidates:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        _install_quiet_hooks()
+        failures = []
+        for candidate in candidates:
+            try:
+                result = read(candidate)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read a step is damage
+                failures.append(f"step {candidate}: {_reason(e)}")
+                if step is None and candidate != candidates[-1]:
+                    print(f"warning: checkpoint step {candidate} in {self.directory} is "
+                          f"damaged ({_reason(e)}); trying an older one", file=sys.stderr)  # fmt: skip
+                continue
+            self.restored_step = candidate
+            if failures:
+                print(f"warning: restored step {candidate} of {self.directory} instead of the "
+                      f"newest (damaged: {', '.join(f.split(':')[0] for f in failures)})",
+                      file=sys.stderr)  # fmt: skip
+            return result
+        what = f"checkpoint step {step}" if step is not None else "no intact checkpoint"
+        raise CheckpointDamagedError(
+            f"{what} in {self.directory} could not be read: " + "; ".join(failures)
+        )
 
     def _mismatch(self, step: int) -> str:
         return (
@@ -269,9 +364,10 @@ class Checkpointer:
             )
         return int(step)
 
-    def _check_shapes(self, step: int, target: Any) -> None:
-        """Name the leaves whose saved shape differs from the target's (orbax's own error does
-        not say which). Structure differences are left to orbax, which reports them."""
+    def _check_shapes(self, step: int, target: Any, partial: bool = False) -> None:
+        """Name the leaves whose saved shape differs from the target's, and the leaves only one
+        side has (all of the checkpoint's must be restored unless `partial`): orbax's own
+        errors do not say which, and they must not be taken for damage."""
         try:
             saved = self._manager.item_metadata(step)["state"]
             saved_tree = saved.tree if hasattr(saved, "tree") else saved
@@ -286,9 +382,14 @@ class Checkpointer:
             for k in sorted(got.keys() & want.keys())
             if got[k] != want[k]
         ]
+        problems += [f"{k}: not in the checkpoint" for k in sorted(want.keys() - got.keys())]
+        if not partial:
+            problems += [f"{k}: not in the target" for k in sorted(got.keys() - want.keys())]
         if problems:
             more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-            raise ValueError(f"{self._mismatch(step)}: " + "; ".join(problems[:10]) + more)
+            raise CheckpointMismatchError(
+                f"{self._mismatch(step)}: " + "; ".join(problems[:10]) + more
+            )
 
     # -- lifecycle -------------------------------------------------------------------------
 

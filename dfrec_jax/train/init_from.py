@@ -206,10 +206,10 @@ def _restore_run(run_dir: str, mesh, min_size: int) -> tuple[dict, int]:
         ),
     }
     with checkpoints.Checkpointer(ckpt_dir, save_every=1, keep=1, read_only=True) as ckpt:
-        step = ckpt.latest_step()
-        if step is None:
+        if ckpt.latest_step() is None:
             raise InitError(f"init.workdir: no checkpoint in {ckpt_dir} (train it first)")
-        variables = ckpt.restore_variables(target, step)  # no optimizer state read
+        variables = ckpt.restore_variables(target)  # newest intact; no optimizer state read
+        step = ckpt.restored_step
     return variables, int(step)
 
 

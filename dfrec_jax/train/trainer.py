@@ -202,7 +202,6 @@ def train(
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not _has_checkpoint(ckpt_dir):  # a fresh run: a bad init source fails before the data
         init_from.validate(config.get("init"))
-    workdir_lib.save_run_metadata(workdir, config)
     os.makedirs(os.path.join(workdir, "panels"), exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
     pipeline, validation = _data_pipelines(config, mesh)
@@ -222,6 +221,8 @@ def train(
     state, data_state = _initial_state(
         config, workdir, model, tx, mesh, abstract, shardings, ckpt
     )
+    # Only now, with the model built and its state created or restored, is the config on record.
+    workdir_lib.save_run_metadata(workdir, config, resumed=data_state is not None)
     if data_state is not None:
         pipeline.restore(data_state)
     start = int(state.step)
@@ -232,7 +233,8 @@ def train(
     progress = progress_lib.Progress(total_steps, start, every=cfg_train.log_every)
     batch_size = config.data.batch_size
 
-    step, stopped, logged, saved_step = start, "finished", {}, ckpt.latest_step()
+    # The step restored from (None for a fresh run): a newer, damaged step does not count.
+    step, stopped, logged, saved_step = start, "finished", {}, ckpt.restored_step
     previous, streak_at = None, 0
     window_start, window_steps = time.perf_counter(), 0
     with preemption.PreemptionGuard() as guard:

@@ -129,43 +129,48 @@ def save_json(path: str, data) -> None:
     os.replace(tmp, path)
 
 
-def _newest_saved_hash(workdir: str) -> str | None:
-    """Hash of the newest config on record: the newest config.<time>.json, else config.json."""
+def _saved_hash(workdir: str) -> str | None:
+    """Hash of the run's config.json, None if there is none."""
     import tensorflow as tf
 
-    changed = sorted(tf.io.gfile.glob(os.path.join(workdir, "config.*.json")))
-    for path in changed[::-1] + [os.path.join(workdir, "config.json")]:
-        if tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path) as f:
-                return config_hash(json.load(f))
-    return None
+    path = os.path.join(workdir, "config.json")
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return config_hash(json.load(f))
 
 
-def save_run_metadata(workdir: str, config) -> str:
+def save_run_metadata(workdir: str, config, *, resumed: bool = False) -> str:
     """Writes config.json, config_hash.txt and versions.json to `workdir` (process 0 only) and
-    returns the config's hash. A resume with a different config writes config.<time>.json and
-    logs a warning instead (config.json keeps the original)."""
+    returns the config's hash. The trainer calls it once the model is built and its state
+    created or restored, so a config that fails never lands here.
+
+    config.json is always the config of the newest run in the folder, which is what eval,
+    recover and export read: a fresh run (`resumed=False`, no checkpoint yet) overwrites
+    whatever an earlier, failed run left; a resume with a different config first renames the
+    old config.json to config.<time>.json (the config the earlier steps were trained with) and
+    logs a warning. The trainer refuses a resume whose config changes array shapes."""
     digest = config_hash(config)
     if jax.process_index() != 0:
         return digest
     import tensorflow as tf
 
     tf.io.gfile.makedirs(workdir)
-    data = config_to_dict(config)
-    previous = _newest_saved_hash(workdir)
-    if previous is None:
-        _write_atomic(os.path.join(workdir, "config.json"), _pretty(data))
+    previous = _saved_hash(workdir)
+    if previous != digest:
+        if resumed and previous is not None:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            kept = os.path.join(workdir, f"config.{stamp}.json")
+            tf.io.gfile.rename(os.path.join(workdir, "config.json"), kept)
+            log.warning(
+                "resuming %s with a different config (hash %s, was %s); config.json is the new "
+                "one, the previous one is kept as %s",
+                workdir,
+                digest,
+                previous,
+                os.path.basename(kept),
+            )
+        _write_atomic(os.path.join(workdir, "config.json"), _pretty(config_to_dict(config)))
         _write_atomic(os.path.join(workdir, "config_hash.txt"), digest + "\n")
-    elif previous != digest:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        path = os.path.join(workdir, f"config.{stamp}.json")
-        _write_atomic(path, _pretty(data))
-        log.warning(
-            "resuming %s with a different config (hash %s, was %s); saved it as %s",
-            workdir,
-            digest,
-            previous,
-            os.path.basename(path),
-        )
     _write_atomic(os.path.join(workdir, "versions.json"), _pretty(library_versions()))
     return digest
