@@ -178,8 +178,10 @@ def _check_paths(command: str) -> None:
         _writable_folder(output, "--output")
     elif command == "forward":
         _writable_folder(output or "runs/demo/forward", "--output")
-    elif command in ("train", "sweep") and _WORKDIR.value:
+    elif command == "train" and _WORKDIR.value:
         _writable_folder(_WORKDIR.value, "--workdir")
+    elif command == "sweep" and _WORKDIR.value and os.path.isfile(_WORKDIR.value):
+        raise UserError(f"--workdir {_WORKDIR.value} exists and is not a folder")
 
 
 def _one_line(error: BaseException) -> str:
