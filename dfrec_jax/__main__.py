@@ -14,8 +14,8 @@ no --config.
 A `--config.a.b=v` naming a key the config does not have stops with one line naming the key.
 
 Errors a user causes (paths, permissions, config files and values, unreadable inputs) end the
-command with one `error: ...` line and exit code 1 (2 for usage); output folders and files
-are checked before any model is built or compiled.
+command with one `error: ...` line and exit code 1 (an unknown `--config.` key: 2); output
+folders and files are checked before any model is built or compiled.
 """
 
 import json
@@ -137,15 +137,17 @@ class UserError(ValueError):
 
 
 def _writable_folder(path: str, flag: str) -> None:
-    """`path` is (or can be made) a folder this process can write into."""
+    """`path` is a folder this process can write into, or one it could create (nothing is
+    created here: a command that fails its other checks leaves no folder behind)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} exists and is not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: folder is not writable")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: cannot create the folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable")
 
 
 def _writable_file(path: str, flag: str) -> None:

@@ -15,10 +15,11 @@ class ImageError(ValueError):
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Modes whose conversion to 8-bit RGB is exact or a fixed, documented rule.
-_HIGH_DEPTH_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_HIGH_DEPTH_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
 _REFUSED_MODES = {
     "CMYK": "CMYK colour: convert it to RGB with its colour profile first",
     "F": "32-bit float pixels have no defined range: convert to 8 or 16 bits first",
+    "I": "32-bit integer pixels have no defined range: convert to 8 or 16 bits first",
     "LAB": "Lab colour: convert it to RGB first",
     "HSV": "HSV colour: convert it to RGB first",
     "YCbCr": "raw YCbCr pixels: convert it to RGB first",
@@ -29,30 +30,31 @@ def to_rgb8(im: Image.Image) -> tuple[np.ndarray, list[str]]:
     """A decoded Pillow image as uint8 RGB [H,W,3] plus what was done to get there, in words
     (empty for an 8-bit RGB image): EXIF orientation applied; grey, bilevel and palette
     expanded exactly; 16-bit grey scaled to 8 bits (v * 255 / 65535, rounded); a fully opaque
-    alpha channel dropped; the first frame of a multi-frame file taken. Refused with
-    ImageError (the reason, without the path): transparent pixels (the model would see
-    whatever they are composited on), CMYK / float / other colour spaces."""
+    alpha channel (or an unused transparent colour) dropped; the first frame of a multi-frame
+    file taken. Refused with ImageError (the reason, without the path): transparent pixels
+    (the model would see whatever they are composited on), CMYK, 32-bit integer or float
+    pixels, other colour spaces."""
     notes = []
     frames = getattr(im, "n_frames", 1)
     if frames > 1:
         notes.append(f"first of {frames} frames")
     orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
-    if orientation not in (1, None):
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
         im = ImageOps.exif_transpose(im)
         notes.append(f"EXIF orientation {orientation} applied")
     mode = im.mode
     if mode in _REFUSED_MODES:
         raise ImageError(_REFUSED_MODES[mode])
     if mode in _HIGH_DEPTH_GREY:
+        if "transparency" in im.info:
+            raise ImageError("transparent pixels (a tRNS colour key): flatten the image first")
         grey = np.asarray(im).astype(np.int64)
-        if grey.size and (grey.min() < 0 or grey.max() > 65535):
-            raise ImageError(f"{mode} pixels outside 0..65535: not a 16-bit image")
         grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round half up
         notes.append(f"16-bit greyscale ({mode}) scaled to 8 bits and replicated to RGB")
         return np.repeat(grey8[..., None], 3, axis=-1), notes
-    if mode == "P" and "transparency" in im.info:
-        im, mode = im.convert("RGBA"), "PA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode in ("P", "RGB", "L") and "transparency" in im.info:  # palette index or tRNS key
+        im, mode = im.convert("RGBA"), f"{mode} with a transparent colour"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or mode.endswith("transparent colour"):
         alpha = np.asarray(im.getchannel("A"))
         if alpha.min() < 255:
             raise ImageError(

@@ -26,8 +26,8 @@ records, and no timestamps: the same gallery and recovery folder give the same b
 goes to stdout. The exit code is 1, with one line, when the gallery has no readable image or
 the recovery folder has no recovered face; it is EXIT_RECORD_MISMATCH (3), after the report is
 written, when a ranked face file no longer matches the sha256 its evidence record lists (or the
-record is unreadable): one `warning:` line per such file on stderr, and
-`file_matches_record: false` in the report.
+record is unreadable): one `warning:` line per such file on stderr, and in the report
+`file_matches_record: false` (or the record's `unreadable` reason).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from dfrec_jax.eval import identity
 from dfrec_jax.train import workdir as workdir_lib
 
 FORMAT = "dfrec_jax trace report, version 1"
-DLIB_SAME_PERSON = 0.6
-EXIT_RECORD_MISMATCH = 3  # the report is written, but a face file differs from its record  # dlib's threshold on the Euclidean distance of descriptors
+DLIB_SAME_PERSON = 0.6  # dlib's threshold on the Euclidean distance of descriptors
+EXIT_RECORD_MISMATCH = 3  # the report is written, but a face file differs from its record
 ROLES = ("source", "target")
 
 

@@ -488,6 +488,31 @@ def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, capsys,
             assert after.get(name) == before[name], name
 
 
+def test_training_sets_damaged_steps_aside_and_saves_them_again(tmp_path, capsys):
+    """After a fallback the trainer renames the damaged newer step (nothing deleted) so the
+    resumed run can save that step again; the next restore reads the new one."""
+    directory = str(tmp_path / "run")
+    with Checkpointer(directory, save_every=1, keep=3) as ckpt:
+        for step in (2, 4):
+            ckpt.save(step, _variables(step), {"next_batch": step})
+    _truncate_data_files(os.path.join(directory, "4"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), _variables(0)
+    )
+    ckpt = Checkpointer(directory, save_every=1, keep=3)
+    ckpt.restore(abstract)
+    assert ckpt.restored_step == 2
+    assert ckpt.set_aside_newer(2) == ["4.damaged"] and ckpt.all_steps() == [2]
+    assert "set aside" in capsys.readouterr().err
+    assert ckpt.save(4, _variables(40), {"next_batch": 4}, force=True)
+    ckpt.wait()
+    state, _ = ckpt.restore(abstract)
+    assert ckpt.restored_step == 4 and int(state["step"]) == 40
+    ckpt.close()
+    assert sorted(os.listdir(directory)) == ["2", "4", "4.damaged"]
+
+
 def test_missing_metadata_file_reads_right_or_falls_back(tmp_path, capsys):
     """Without state/_METADATA a restore with a full target still reads the arrays; whatever
     step it reads, its values are that step's."""

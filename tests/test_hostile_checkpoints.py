@@ -56,7 +56,11 @@ _ZIP_CASES = [
     ("past the end", {"w": tp.tensor(0, 0, (4096,), (1,), numel=1)}, {"0": VALUES[:1].tobytes()},
      r"storage 0: view .* reaches element 4095 of a storage of 1"),
     ("negative offset", {"w": tp.tensor(0, -8, (4,), (1,))}, None, r"reaches element -8"),
-    ("huge stride", {"w": tp.tensor(0, 0, (2,), (1 << 62,))}, None, r"reaches element"),
+    ("huge stride", {"w": tp.tensor(0, 0, (2,), (1 << 61,))}, None, r"reaches element"),
+    ("giant integers", {"w": tp.tensor(0, 1 << 4000, (2,), (1,))}, None,
+     r"offset int is not a valid integer"),
+    ("too many dimensions", {"w": tp.tensor(0, 0, (1,) * 65, (1,) * 65)}, None,
+     r"size is not a tuple of at most 64"),
     ("offset past the end", {"w": tp.tensor(0, 12, (1,), (1,))}, None, r"reaches element 12"),
     ("giant broadcast", {"w": tp.tensor(0, 0, (1 << 20, 1 << 20), (0, 0))}, None,
      r"declares 1099511627776 elements over a storage of 12"),
@@ -68,9 +72,9 @@ _ZIP_CASES = [
     ("ragged storage", {"w": tp.tensor(0, 0, (1,), (1,))}, {"0": b"12345"},
      r"storage 0: 5 bytes is not a whole number"),
     ("unsupported dtype", {"w": tp.tensor(0, 0, (1,), (1,), "BFloat16Storage")}, None,
-     r"unsupported storage type BFloat16Storage"),
+     r"unsupported storage type 'BFloat16Storage'"),
     ("made-up dtype", {"w": tp.tensor(0, 0, (1,), (1,), "EvilStorage")}, None,
-     r"unsupported storage type EvilStorage"),
+     r"unsupported storage type 'EvilStorage'"),
     ("missing storage", {"w": tp.tensor(7, 0, (1,), (1,))}, None, r"no archive/data/7 in"),
 ]
 
@@ -94,6 +98,53 @@ def test_refused_code_stays_unsafe_pickle_error(tmp_path):
     fake += b"(" + b"".join(tp._obj(v) for v in (3, 0, (1,), (1,), False)) + b")tR"
     with pytest.raises(torch_zip.CheckpointFormatError, match="not a storage"):
         torch_zip.load(_zip(tmp_path, {"x": fake}, name="fake.pth"))
+
+
+def _memo_bomb(repeats: int) -> bytes:
+    """One tensor rebuild memoised once, then called `repeats` times (5 bytes each)."""
+    rebuild = tp._global("torch._utils", "_rebuild_tensor_v2")
+    args = tp.tensor(0, 0, (1 << 20,), (0,), numel=1)[len(rebuild) : -1]  # 4 MiB, stride 0
+    # callable -> memo 0, args -> memo 1, the first tensor is the value; then rebuild, pop.
+    return rebuild + b"q\x00" + args + b"q\x01" + b"R" + b"h\x00h\x01R0" * repeats
+
+
+def _nested_key(depth: int) -> bytes:
+    """A storage key that is a list of lists 2**depth leaves wide, ~9 bytes per level."""
+    out = b"]q\x00"
+    for i in range(depth):
+        out += b"(h" + bytes([i]) + b"h" + bytes([i]) + b"lq" + bytes([i + 1])
+    return out
+
+
+def test_resource_exhaustion_is_refused(tmp_path):
+    """Memoised rebuilds and containers cannot claim unbounded memory, giant integers and
+    nested keys cannot take unbounded time, compressed entries cannot expand unboundedly."""
+    import time
+
+    bomb = b"\x80\x02}(" + tp._str("x") + _memo_bomb(400) + b"u."
+    path = tp.write_zip(tmp_path / "memo.pth", bomb, {"0": VALUES[:1].tobytes()})
+    with pytest.raises(torch_zip.CheckpointFormatError, match="more memory than a checkpoint"):
+        torch_zip.load(path)
+
+    pid = b"(" + tp._str("storage") + tp._global("torch", "FloatStorage") + _nested_key(40)
+    pid += tp._str("cpu") + tp._int(1) + b"tQ"
+    path = tp.write_zip(tmp_path / "key.pth", b"\x80\x02" + pid + b".", {})
+    start = time.perf_counter()
+    with pytest.raises(torch_zip.CheckpointFormatError, match="storage key list is not a short"):
+        torch_zip.load(path)
+    assert time.perf_counter() - start < 5
+
+    for method in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        path = tp.write_zip(tmp_path / f"m{method}.pth", tp.state_pickle({}), {}, compress=method)
+        with pytest.raises(torch_zip.CheckpointFormatError, match="compression method"):
+            torch_zip.load(path)
+    path = tp.write_zip(tmp_path / "enc.pth", tp.state_pickle({}), {})
+    data = bytearray(open(path, "rb").read())
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 8] |= 1  # general purpose flag bit 0: encrypted
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(torch_zip.CheckpointFormatError, match="encrypted"):
+        torch_zip.load(path)
 
 
 def test_damaged_archives_are_one_line(tmp_path):

@@ -79,6 +79,13 @@ def test_palette_alpha_exif_and_frames():
     rgba[2, 1, 3] = 10
     with pytest.raises(images.ImageError, match="^1 transparent pixels"):
         images.decode_rgb8(_encode(Image.fromarray(rgba)))
+    keyed = tuple(int(v) for v in RGB[0, 0])  # an RGB PNG whose tRNS key makes a pixel clear
+    with pytest.raises(images.ImageError, match="transparent pixels"):
+        images.decode_rgb8(_encode(Image.fromarray(RGB), transparency=keyed))
+    unused = (1, 2, 3) if not (RGB == (1, 2, 3)).all(-1).any() else (0, 0, 1)
+    rgb, notes = images.decode_rgb8(_encode(Image.fromarray(RGB), transparency=unused))
+    np.testing.assert_array_equal(rgb, RGB)
+    assert notes == ["fully opaque alpha channel dropped (RGB with a transparent colour)"]
 
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 clockwise on display
@@ -98,9 +105,10 @@ def test_palette_alpha_exif_and_frames():
         (b"hello", "not an image"),
         (_encode(Image.fromarray(RGB).convert("CMYK"), "JPEG"), "CMYK colour"),
         (_encode(Image.fromarray(np.zeros((4, 4), np.float32)), "TIFF"), "32-bit float"),
+        (_encode(Image.fromarray(np.full((4, 4), 200, np.int32)), "TIFF"), "32-bit integer"),
         (_encode(Image.fromarray(RGB))[:60], "corrupt image"),
     ],
-    ids=["empty", "text", "cmyk", "float", "truncated"],
+    ids=["empty", "text", "cmyk", "float", "int32", "truncated"],
 )
 def test_refused_with_the_reason(data, message):
     with pytest.raises(images.ImageError, match=message) as info:

@@ -21,7 +21,9 @@ def _str(value: str) -> bytes:
 
 def _int(value: int) -> bytes:
     data = value.to_bytes(max(1, (value.bit_length() + 8) // 8), "little", signed=True)
-    return b"\x8a" + bytes([len(data)]) + data  # LONG1: any size, any sign
+    if len(data) > 255:
+        return b"\x8b" + struct.pack("<I", len(data)) + data  # LONG4
+    return b"\x8a" + bytes([len(data)]) + data  # LONG1: any sign
 
 
 def _obj(value) -> bytes:

@@ -45,9 +45,12 @@ _STORAGE_DTYPES = {
 }
 
 
-# A tensor may repeat storage elements (stride 0, e.g. an expanded tensor) but not materialise
-# more than this many bytes beyond its storage: a few bytes of file must not claim gigabytes.
-MAX_EXPANDED_BYTES = 1 << 30
+# Everything one load may materialise (tensor copies, lists, sets, dicts the pickle builds):
+# 4x the file's size plus this allowance. A stride-0 (expanded) tensor or a memoised value
+# rebuilt many times must not turn a few bytes of file into gigabytes.
+MAX_EXPANDED_BYTES = 64 << 20
+_MAX_DIMS = 64
+_MAX_INDEX = 1 << 62  # offsets, sizes and strides: bounded before any arithmetic
 
 
 class CheckpointFormatError(ValueError):
@@ -83,25 +86,70 @@ def _storage_type(name):
     return ("storage", name)
 
 
-def _int_tuple(value, what: str, where: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
+def _short(value) -> str:
+    """A value from the file, for an error line: short strings and bounded ints as they are,
+    anything else by its type (formatting an attacker-built nested object can take forever)."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 64:
+        return str(value)
+    return type(value).__name__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _index(value, what: str, where: str) -> int:
+    if not _is_int(value) or abs(value) >= _MAX_INDEX:
+        raise CheckpointFormatError(f"{where}: {what} {_short(value)} is not a valid integer")
+    return value
+
+
+def _index_tuple(value, what: str, where: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or len(value) > _MAX_DIMS:
+        raise CheckpointFormatError(f"{where}: {what} is not a tuple of at most {_MAX_DIMS} ints")
+    if not all(_is_int(v) and abs(v) < _MAX_INDEX for v in value):
         raise CheckpointFormatError(f"{where}: {what} is not a tuple of integers")
     return tuple(value)
 
 
-def _rebuild_tensor(storage, offset, size, stride, *unused, names=None):
+class _Budget:
+    """Bytes one load may still materialise (see MAX_EXPANDED_BYTES)."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def charge(self, nbytes: int, what: str) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise CheckpointFormatError(
+                f"{what}: the file asks for more memory than a checkpoint of its size can hold"
+            )
+
+
+def _charged(build, budget: _Budget, what: str):
+    """A container builder the pickle may call, each call charged 16 bytes per element."""
+
+    def call(*args):
+        for arg in args[:1]:
+            if hasattr(arg, "__len__"):
+                budget.charge(16 * len(arg), what)
+        return build(*args)
+
+    return call
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused, names=None, budget=None):
     """A tensor as a numpy array copied out of `storage`, after checking that every element
     the view addresses lies inside the storage (Python ints: no overflow)."""
     del unused  # requires_grad, backward hooks, metadata
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
         raise CheckpointFormatError("a tensor is built on something that is not a storage")
     where = f"tensor on storage {(names or {}).get(id(storage), '?')}"
-    if not isinstance(offset, int) or isinstance(offset, bool):
-        raise CheckpointFormatError(f"{where}: offset {offset!r} is not an integer")
-    size = _int_tuple(size, "size", where)
-    stride = _int_tuple(stride, "stride", where)
+    offset = _index(offset, "offset", where)
+    size = _index_tuple(size, "size", where)
+    stride = _index_tuple(stride, "stride", where)
     if len(size) != len(stride):
         raise CheckpointFormatError(f"{where}: size {size} and stride {stride} differ in length")
     if any(n < 0 for n in size) or any(s < 0 for s in stride):
@@ -121,6 +169,8 @@ def _rebuild_tensor(storage, offset, size, stride, *unused, names=None):
         raise CheckpointFormatError(
             f"{where}: size {size} declares {numel} elements over a storage of {storage.size}"
         )
+    if budget is not None:
+        budget.charge(numel * storage.itemsize, where)
     if not size:
         return storage[offset].copy()
     itemsize = storage.itemsize
@@ -151,15 +201,30 @@ _ALLOWED = {
 }
 
 
+_BUILDERS = {  # containers the pickle may build: charged to the load's budget
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("torch.jit._pickle", "build_intlist"),
+    ("torch.jit._pickle", "build_doublelist"),
+    ("torch.jit._pickle", "build_boollist"),
+    ("torch.jit._pickle", "build_tensorlist"),
+    ("torch.jit._pickle", "build_genericlist"),
+}
+
+
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, storages):
+    def __init__(self, file, storages, budget: _Budget | None = None):
         super().__init__(file)
         self._storages = storages
+        self._budget = budget or _Budget(MAX_EXPANDED_BYTES)
         self._names: dict[int, str] = {}  # id(storage array) -> storage key, for error lines
+        self._cache: dict[tuple[str, str], np.ndarray] = {}  # each storage read once; pins ids
 
     def find_class(self, module, name):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return functools.partial(_rebuild_tensor, names=self._names)
+            return functools.partial(_rebuild_tensor, names=self._names, budget=self._budget)
+        if (module, name) in _BUILDERS:
+            return _charged(_ALLOWED[(module, name)], self._budget, f"{module}.{name}")
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module == "torch" and name.endswith("Storage"):
@@ -170,25 +235,42 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
-            raise UnsafePickleError(f"unknown persistent id {str(pid)[:40]}")
-        storage_type, key = pid[1], str(pid[2])
-        return self._storage_array(key, _storage_dtype(storage_type), self._storages(key))
+            raise UnsafePickleError(f"unknown persistent id ({_short(pid)})")
+        key, dtype = _storage_key(pid[2]), _storage_dtype(pid[1])
+        return self._storage_array(key, dtype, lambda: self._storages(key))
 
-    def _storage_array(self, key: str, dtype: np.dtype, data: bytes) -> np.ndarray:
+    def _storage_array(self, key: str, dtype: np.dtype, read) -> np.ndarray:
+        cached = self._cache.get((key, dtype.str))
+        if cached is not None:
+            return cached
+        data = read()
         if len(data) % dtype.itemsize:
             raise CheckpointFormatError(
                 f"storage {key}: {len(data)} bytes is not a whole number of {dtype} elements"
             )
         array = np.frombuffer(data, dtype=dtype)
+        self._cache[(key, dtype.str)] = array
         self._names[id(array)] = key
         return array
 
 
+def _storage_key(key) -> str:
+    if isinstance(key, str) and len(key) <= 256:
+        return key
+    if _is_int(key) and 0 <= key < _MAX_INDEX:
+        return str(key)
+    raise CheckpointFormatError(f"storage key {_short(key)} is not a short string or an integer")
+
+
 def _storage_dtype(storage_type) -> np.dtype:
-    name = storage_type[1] if isinstance(storage_type, tuple) else str(storage_type)
-    dtype = _STORAGE_DTYPES.get(name)
+    # find_class turns torch.<X>Storage into ("storage", "<X>Storage"); old files may use names.
+    if isinstance(storage_type, tuple) and len(storage_type) == 2:
+        name = storage_type[1]
+    else:
+        name = storage_type
+    dtype = _STORAGE_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise CheckpointFormatError(f"unsupported storage type {str(name)[:40]}")
+        raise CheckpointFormatError(f"unsupported storage type {_short(name)[:60]}")
     return np.dtype(dtype).newbyteorder("<")
 
 
@@ -200,9 +282,10 @@ class _LegacyUnpickler(_Unpickler):
     """The object pickle of a legacy file. `storages=None`: a dry run that only records each
     storage's (dtype, numel) in `found` and builds no tensor."""
 
-    def __init__(self, file, storages):
-        super().__init__(file, storages)
+    def __init__(self, file, storages, budget: _Budget | None = None):
+        super().__init__(file, storages, budget)
         self.found: dict[str, tuple[np.dtype, int]] = {}
+        self._views: list[np.ndarray] = []  # keeps ids unique for the error lines
 
     def find_class(self, module, name):
         if self._storages is None and module == "torch._utils" and (module, name) in _ALLOWED:
@@ -211,22 +294,25 @@ class _LegacyUnpickler(_Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
-            raise UnsafePickleError(f"unknown persistent id {str(pid)[:40]}")
+            raise UnsafePickleError(f"unknown persistent id ({_short(pid)})")
         _, storage_type, key, _location, numel, view = pid
-        dtype = _storage_dtype(storage_type)
-        self.found[str(key)] = (dtype, int(numel))
+        key, dtype = _storage_key(key), _storage_dtype(storage_type)
+        self.found[key] = (dtype, _index(numel, "element count", f"storage {key}"))
         if self._storages is None:
             return None
-        data = self._storage_array(str(key), dtype, self._storages(str(key)))
+        data = self._storage_array(key, dtype, lambda: self._storages(key))
         if view is not None:  # (view key, offset, size) in elements of the root storage
-            _, offset, size = view
-            offset, size = int(offset), int(size)
+            if not (isinstance(view, tuple) and len(view) == 3):
+                raise CheckpointFormatError(f"storage {key}: view {_short(view)} is not a triple")
+            offset = _index(view[1], "view offset", f"storage {key}")
+            size = _index(view[2], "view size", f"storage {key}")
             if offset < 0 or size < 0 or offset + size > data.size:
                 raise CheckpointFormatError(
                     f"storage {key}: view ({offset}, {size}) outside its {data.size} elements"
                 )
             data = data[offset : offset + size]
-            self._names[id(data)] = str(key)
+            self._views.append(data)
+            self._names[id(data)] = key
         return data
 
 
@@ -248,13 +334,14 @@ def _load_legacy(path: str, f):
     keys = _Unpickler(f, None).load()
     if not isinstance(keys, list):
         raise CheckpointFormatError(f"{path}: the storage key list is a {type(keys).__name__}")
+    keys = [_storage_key(key) for key in keys]
     position = f.tell()  # the first storage's element count
     f.seek(start)
     obj_pickle = f.read(end - start)
-    dry = _LegacyUnpickler(io.BytesIO(obj_pickle), None)
+    dry = _LegacyUnpickler(io.BytesIO(obj_pickle), None, _budget_for(file_size))
     dry.load()
     offsets = {}
-    for key in map(str, keys):
+    for key in keys:
         if key not in dry.found:
             raise CheckpointFormatError(f"{path}: storage {key} is listed but never used")
         dtype, numel = dry.found[key]
@@ -277,14 +364,19 @@ def _load_legacy(path: str, f):
         f.seek(offset)
         return f.read(size)  # in the file: checked above
 
-    return _LegacyUnpickler(io.BytesIO(obj_pickle), storage).load()
+    return _LegacyUnpickler(io.BytesIO(obj_pickle), storage, _budget_for(file_size)).load()
 
 
-# Torch writes its archives uncompressed; a compressed entry may expand, but not without bound.
+def _budget_for(file_size: int) -> _Budget:
+    return _Budget(4 * file_size + MAX_EXPANDED_BYTES)
+
+
+# Torch writes its archives uncompressed; a deflated entry may expand, but not without bound.
 _MAX_EXPANSION = 100
+_READ_CHUNK = 1 << 20
 
 
-def _load_zip(path: str, archive: zipfile.ZipFile, pickle_name: str):
+def _load_zip(path: str, archive: zipfile.ZipFile, pickle_name: str, file_size: int):
     names = archive.namelist()
     pkl = [n for n in names if n.endswith("/" + pickle_name) and n.count("/") == 1]
     if not pkl:
@@ -295,14 +387,30 @@ def _load_zip(path: str, archive: zipfile.ZipFile, pickle_name: str):
         try:
             info = archive.getinfo(name)
         except KeyError:
-            raise CheckpointFormatError(f"{path}: no {name} in the archive") from None
-        if info.file_size > _MAX_EXPANSION * info.compress_size + (1 << 20):
+            raise CheckpointFormatError(f"{path}: no {name[:300]} in the archive") from None
+        if info.flag_bits & 0x1:
+            raise CheckpointFormatError(f"{path}: {name} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CheckpointFormatError(
+                f"{path}: {name} uses compression method {info.compress_type} (torch writes "
+                "entries stored; deflate is also read)"
+            )
+        if info.file_size > _MAX_EXPANSION * info.compress_size + _READ_CHUNK:
             raise CheckpointFormatError(
                 f"{path}: {name} declares {info.file_size} bytes from {info.compress_size}"
             )
-        return archive.read(info)
+        chunks, total = [], 0
+        with archive.open(info) as entry:  # in chunks: no single huge decompression buffer
+            while chunk := entry.read(_READ_CHUNK):
+                total += len(chunk)
+                if total > info.file_size:
+                    raise CheckpointFormatError(f"{path}: {name} is longer than it declares")
+                chunks.append(chunk)
+        return b"".join(chunks)
 
-    return _Unpickler(io.BytesIO(read(pkl[0])), lambda key: read(f"{root}/data/{key}")).load()
+    unpickler = _Unpickler(io.BytesIO(read(pkl[0])), lambda key: read(f"{root}/data/{key}"),
+                           _budget_for(file_size))  # fmt: skip
+    return unpickler.load()
 
 
 # What a damaged or crafted file can make the zip reader or the unpickler raise.
@@ -320,6 +428,7 @@ _DAMAGE = (
     OverflowError,
     MemoryError,
     RecursionError,
+    RuntimeError,
     NotImplementedError,
     UnicodeDecodeError,
     struct.error,
@@ -336,11 +445,15 @@ def load(path: str, pickle_name: str = "data.pkl"):
     """
     try:
         with open(path, "rb") as f:
-            if not zipfile.is_zipfile(f):
+            file_size = f.seek(0, io.SEEK_END)
+            f.seek(0)
+            # torch's own test: a zip checkpoint starts with a local file header (an end-of-
+            # archive record found anywhere, as zipfile.is_zipfile looks, could be tensor bytes).
+            if f.read(4) != b"PK\x03\x04":
                 return _load_legacy(path, f)
             f.seek(0)
             with zipfile.ZipFile(f) as archive:
-                return _load_zip(path, archive, pickle_name)
+                return _load_zip(path, archive, pickle_name, file_size)
     except CheckpointFormatError as e:
         message = str(e) if str(e).startswith(f"{path}:") else f"{path}: {e}"
         raise type(e)(message) from None

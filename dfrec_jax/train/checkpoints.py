@@ -329,7 +329,7 @@ class Checkpointer:
                 result = read(candidate)
             except CheckpointMismatchError:
                 raise
-            except Exception as e:  # noqa: BLE001 - any failure to read a step is damage
+            except (ValueError, OSError, KeyError) as e:  # unreadable files: damage
                 failures.append(f"step {candidate}: {_reason(e)}")
                 if step is None and candidate != candidates[-1]:
                     print(f"warning: checkpoint step {candidate} in {self.directory} is "
@@ -345,6 +345,28 @@ class Checkpointer:
         raise CheckpointDamagedError(
             f"{what} in {self.directory} could not be read: " + "; ".join(failures)
         )
+
+    def set_aside_newer(self, step: int) -> list[str]:
+        """Renames the folders of steps newer than `step` (damaged ones a restore fell back
+        past) to `<step>.damaged`, so training can save those steps again; nothing is deleted.
+        Returns the new folder names."""
+        moved = []
+        for newer in self.all_steps():
+            if newer <= step:
+                continue
+            source = os.path.join(self.directory, str(newer))
+            target, n = f"{source}.damaged", 1
+            while os.path.exists(target):
+                n += 1
+                target = f"{source}.damaged{n}"
+            os.rename(source, target)
+            moved.append(os.path.basename(target))
+        if moved:
+            self._manager.reload()
+            print(f"warning: set aside the damaged checkpoint(s) of {self.directory} as "
+                  f"{', '.join(moved)} (nothing deleted); training continues from step {step}",
+                  file=sys.stderr)  # fmt: skip
+        return moved
 
     def _mismatch(self, step: int) -> str:
         return (

@@ -169,6 +169,9 @@ def _initial_state(config, workdir, model, tx, mesh, abstract, shardings, ckpt):
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
         state, data_state = ckpt.restore(target)
+        # Restored from an older step past damaged newer ones: set those aside so this run
+        # can save its steps again (a damaged step would block every save up to it).
+        ckpt.set_aside_newer(ckpt.restored_step)
         log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
         if init_from.enabled(config.get("init")):
             log.info("config.init ignored: the run resumes from its checkpoint")
@@ -273,8 +276,8 @@ def train(
                 val_metrics = _validate(eval_step, state, validation, config.seed)
                 writer.scalars(step, val_metrics)
             if val_metrics is not None or ckpt.should_save(step):
-                ckpt.save(step, state, pipeline.state(), metrics=val_metrics, force=True)
-                saved_step = step
+                if ckpt.save(step, state, pipeline.state(), metrics=val_metrics, force=True):
+                    saved_step = step
             if guard.should_stop(step):
                 stopped = f"preempted ({guard.signal_name})"
                 break
@@ -283,8 +286,8 @@ def train(
             if streak_at >= cfg_train.max_nonfinite:
                 stopped = "non-finite"
         if stopped != "non-finite" and saved_step != step:
-            ckpt.save(step, state, pipeline.state(), force=True)
-            saved_step = step
+            if ckpt.save(step, state, pipeline.state(), force=True):
+                saved_step = step
     ckpt.wait()
     ckpt.close()
     writer.close()

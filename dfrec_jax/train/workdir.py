@@ -1,12 +1,13 @@
 """Run metadata in the workdir: the resolved config, its hash and the library versions.
 
-    workdir/config.json        the config the workdir was created with (sorted keys)
+    workdir/config.json        the config of the newest run in the folder (sorted keys): what
+                               eval / recover / export read
     workdir/config_hash.txt    its hash (`config_hash`)
     workdir/versions.json      library versions and devices of the newest start
     workdir/config.<UTC time>.json
-                               written when a run is resumed with a config whose hash differs
-                               from the newest saved one (e.g. a changed log interval): the
-                               change is kept on record and logged as a warning, not refused.
+                               the previous config.json, kept when a run is resumed with a
+                               config whose hash differs (e.g. a changed log interval): the
+                               change is on record and logged as a warning, not refused.
 
 Only process 0 writes; every process gets the hash back. Files are written to a temporary name
 and renamed, so a run killed mid-write never leaves a half-written config. File access goes
