@@ -63,8 +63,8 @@ _BATCH = flags.DEFINE_list(
     "batch", ["1", "8"], "bench: batch sizes (train_step: the config's batch unless given)"
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "bench: timed repetitions per batch size")
-_STEPS = flags.DEFINE_integer("steps", 300, "bench --what learning: training steps")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "bench --what learning: steps per report")
+_STEPS = flags.DEFINE_integer("steps", 900, "bench --what learning: training steps")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "bench --what learning: steps per report")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "train/eval/recover/export/bench: run folder (sweep: one per point)"
 )

@@ -433,7 +433,7 @@ def bench_recover(
 
 
 def bench_learning(
-    config, batch_sizes=(), repeats: int = 5, *, steps: int = 300, eval_every: int = 50
+    config, batch_sizes=(), repeats: int = 5, *, steps: int = 900, eval_every: int = 100
 ) -> list[dict]:
     """The learning check (dfrec_jax/learning.py): overfit 32 fixed real examples; its
     progress lines are printed as it runs, the returned report is the last line."""

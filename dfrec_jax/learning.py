@@ -155,8 +155,8 @@ def overfit_config(config, *, steps: int, batch_size: int, learning_rate: float)
 def run_learning_check(
     config,
     *,
-    steps: int = 300,
-    eval_every: int = 50,
+    steps: int = 900,
+    eval_every: int = 100,
     batch_size: int = 8,
     learning_rate: float = 1e-3,
     num_forged: int = 16,
