@@ -31,6 +31,8 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
                 width_coefficient=1.0,  # EfficientNet scaling (1.0, 1.0 = B0, the paper's)
                 depth_coefficient=1.0,
                 encoder_bn_momentum=0.99,  # EfficientNet's; short runs use 0.9 (demo.py)
+                # Depthwise convs: "auto" runs the fastest per platform (layers.depthwise_conv).
+                depthwise_impl="auto",
             ),
             sirm=dict(
                 channels=(32, 64, 128, 256, 1024),

@@ -55,6 +55,7 @@ def params_sha256(variables: Any) -> str:
 # (the module default at the time): an older config.json lacks them.
 LEGACY_MODEL_DEFAULTS = {
     ("ism", "encoder_bn_momentum"): 0.99,
+    ("ism", "depthwise_impl"): "auto",
     ("tirm", "identity_pos_embed"): False,
 }
 

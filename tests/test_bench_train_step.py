@@ -172,6 +172,7 @@ def test_real_train_step_on_8_devices():
     assert 0 < result["mfu"] <= 1
 
 
+@pytest.mark.slow  # ~70 s: it compiles every part of the step separately
 def test_step_profile_times_every_part_of_the_step():
     from dfrec_jax import step_profile
 

@@ -214,7 +214,15 @@ def test_vit_b16_and_l16_encoder_param_counts():
     assert 302.5e6 <= l16 <= 304.5e6
 
 
-@pytest.mark.parametrize("arg", ["fusion=sequence", "variant=official", "dtype=bfloat16"])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        # ~17 s each at demo size; tiny models cover both options in the default suite.
+        pytest.param("fusion=sequence", marks=pytest.mark.slow),
+        pytest.param("variant=official", marks=pytest.mark.slow),
+        "dtype=bfloat16",
+    ],
+)
 def test_demo_variants_run(arg):
     config = demo_config.get_config(arg)
     model = inference.build_model(config)
@@ -225,6 +233,27 @@ def test_demo_variants_run(arg):
     check_contract(out, 2, 112, 8, 0.5)
     chex.assert_tree_all_finite(out)
     assert 0.0 <= float(out["target"].min()) and float(out["target"].max()) <= 1.0
+
+
+@pytest.mark.parametrize("option", ["fusion=sequence", "variant=official"])
+def test_tiny_variants_run(option):
+    """The demo variants' options on the tiny model (demo-size runs are marked slow)."""
+    from tests import tiny
+
+    config = tiny.tiny_config()
+    key, value = option.split("=")
+    if key == "fusion":
+        config.model.tirm.fusion = value
+        config.model.sirm.identity_tokens = 16
+    else:
+        config.model.masking_variant = value
+        config.model.sirm.gate = value
+    model = inference.build_model(config)
+    variables = inference.init_variables(model, jax.random.key(0))
+    size = config.model.image_size
+    out = _apply(model, variables, real_faces(2, size))
+    check_contract(out, 2, size, config.model.patch_size, config.model.mask_ratio)
+    chex.assert_tree_all_finite(out)
 
 
 def test_bad_inputs_and_configs_fail_clearly(demo):

@@ -96,6 +96,7 @@ class MBConv(nn.Module):
     drop_path_rate: float = 0.0
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    depthwise_impl: str = "auto"  # layers.depthwise_conv impl
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -127,6 +128,7 @@ class MBConv(nn.Module):
                 dilation=d,
                 use_bias=False,
                 kernel_init=DEPTHWISE_INIT,
+                impl=self.depthwise_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="conv_dw",
@@ -202,6 +204,7 @@ class EfficientNetB0(nn.Module):
     depth_coefficient: float = 1.0
     bn_momentum: float = 0.99  # flax convention: running = m * running + (1 - m) * batch
     bn_epsilon: float = 1e-3
+    depthwise_impl: str = "auto"  # layers.depthwise_conv impl
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -257,6 +260,7 @@ class EfficientNetB0(nn.Module):
                     drop_path_rate=self.stochastic_depth_rate * block_idx / num_blocks,
                     bn_momentum=self.bn_momentum,
                     bn_epsilon=self.bn_epsilon,
+                    depthwise_impl=self.depthwise_impl,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"blocks_{s}_{i}",

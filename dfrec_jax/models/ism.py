@@ -44,13 +44,18 @@ class ASPP(nn.Module):
     atrous_rates: Sequence[int] = (12, 24, 36)
     separable: bool = True
     dropout_rate: float = 0.5
+    depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         cbr = functools.partial(
-            ConvBNReLU, self.features, dtype=self.dtype, param_dtype=self.param_dtype
+            ConvBNReLU,
+            self.features,
+            depthwise_impl=self.depthwise_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         branches = [cbr(name="convs_0")(x, train)]
         for i, rate in enumerate(self.atrous_rates, start=1):
@@ -77,25 +82,28 @@ class DeepLabV3PlusDecoder(nn.Module):
     dropout_rate: float = 0.5
     head_kernel_size: int = 1
     num_classes: int = 1
+    depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, low, high, train: bool):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cbr = functools.partial(ConvBNReLU, depthwise_impl=self.depthwise_impl, **kw)
         x = ASPP(
             features=self.channels,
             atrous_rates=self.atrous_rates,
             separable=self.separable,
             dropout_rate=self.dropout_rate,
+            depthwise_impl=self.depthwise_impl,
             name="aspp",
             **kw,
         )(high, train)
-        x = ConvBNReLU(self.channels, 3, separable=True, name="aspp_conv", **kw)(x, train)
+        x = cbr(self.channels, 3, separable=True, name="aspp_conv")(x, train)
         x = jax.image.resize(x, low.shape[:3] + x.shape[3:], method="bilinear")
-        skip = ConvBNReLU(self.low_level_channels, name="block1", **kw)(low, train)
+        skip = cbr(self.low_level_channels, name="block1")(low, train)
         x = jnp.concatenate([x, skip], axis=-1)
-        x = ConvBNReLU(self.channels, 3, separable=True, name="block2", **kw)(x, train)
+        x = cbr(self.channels, 3, separable=True, name="block2")(x, train)
         k = self.head_kernel_size
         return nn.Conv(
             self.num_classes, (k, k), padding=same_padding(k), name="segmentation_head", **kw
@@ -125,6 +133,9 @@ class ISM(nn.Module):
     # Encoder BatchNorm running-average momentum (flax: running = m * running + (1-m) * batch).
     # EfficientNet's 0.99 needs thousands of steps to forget the init; short runs use 0.9.
     encoder_bn_momentum: float = 0.99
+    # layers.depthwise_conv impl of every depthwise conv: "auto" (the fast one per platform),
+    # "xla" (grouped conv: compiles faster, runs slower on CPU; the tiny test config), "shifted".
+    depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -142,6 +153,7 @@ class ISM(nn.Module):
             width_coefficient=self.width_coefficient,
             depth_coefficient=self.depth_coefficient,
             bn_momentum=self.encoder_bn_momentum,
+            depthwise_impl=self.depthwise_impl,
             name="encoder",
             **kw,
         )(images, train)
@@ -152,6 +164,7 @@ class ISM(nn.Module):
             separable=self.separable,
             dropout_rate=self.dropout_rate,
             head_kernel_size=self.head_kernel_size,
+            depthwise_impl=self.depthwise_impl,
             name="decoder",
             **kw,
         )(feats["low"], feats["high"], train)

@@ -89,6 +89,7 @@ class DepthwiseConv(nn.Module):
     dilation: int = 1
     use_bias: bool = True
     kernel_init: Any = nn.initializers.lecun_normal()
+    impl: str = "auto"  # depthwise_conv's impl
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -101,7 +102,7 @@ class DepthwiseConv(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = depthwise_conv(x, kernel, self.strides, self.padding, self.dilation)
+        y = depthwise_conv(x, kernel, self.strides, self.padding, self.dilation, self.impl)
         return y if bias is None else y + bias
 
 
@@ -113,6 +114,7 @@ class ConvBNReLU(nn.Module):
     dilation: int = 1
     separable: bool = False
     use_bias: bool = False
+    depthwise_impl: str = "auto"  # the separable branch's depthwise_conv impl
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -129,6 +131,7 @@ class ConvBNReLU(nn.Module):
                 padding=padding,
                 dilation=d,
                 use_bias=self.use_bias,
+                impl=self.depthwise_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="conv_dw",
