@@ -93,18 +93,25 @@ def decode_rgb8(data: bytes) -> tuple[np.ndarray, list[str]]:
     return rgb, notes
 
 
-def load_rgb(path: str, size: int) -> np.ndarray:
-    """Reads `path` as RGB float32 [size,size,3] in [0,1] (decoded by `to_rgb8`), resizing
-    square inputs if needed."""
+def read_rgb8(path: str) -> tuple[bytes, np.ndarray, list[str]]:
+    """(file bytes, uint8 RGB [H,W,3] decoded from exactly those bytes, the conversions
+    applied: `to_rgb8`); raises ImageError with a one-line reason (without the path)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError("no such file") from None
     except OSError as e:
-        raise ImageError(f"{path}: cannot read file ({e.strerror or e})") from None
+        raise ImageError(f"cannot read file ({e.strerror or e})") from None
+    rgb, notes = decode_rgb8(data)
+    return data, rgb, notes
+
+
+def load_rgb(path: str, size: int) -> np.ndarray:
+    """Reads `path` as RGB float32 [size,size,3] in [0,1] (decoded by `to_rgb8`), resizing
+    square inputs if needed."""
     try:
-        rgb = Image.fromarray(decode_rgb8(data)[0])
+        rgb = Image.fromarray(read_rgb8(path)[1])
     except ImageError as e:
         raise ImageError(f"{path}: {e}") from None
     if rgb.size != (size, size):

@@ -81,19 +81,6 @@ _OVERLAY_COLOUR = np.array([255.0, 0.0, 0.0])  # forged pixels tinted red in the
 _OVERLAY_ALPHA = 0.5
 
 
-def read_rgb8(path: str) -> tuple[bytes, np.ndarray, list[str]]:
-    """(file bytes, uint8 RGB [H,W,3] decoded from exactly those bytes, the conversions
-    applied in words: images.to_rgb8); raises images.ImageError with a one-line reason
-    (without the path)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise image_io.ImageError(f"cannot read file ({e.strerror or e})") from None
-    rgb, notes = image_io.decode_rgb8(data)
-    return data, rgb, notes
-
-
 def png_bytes(image_uint8: np.ndarray) -> bytes:
     """PNG encoding of a uint8 [H,W] or [H,W,3] image; Pillow writes no time or other
     varying metadata, so equal pixels give equal bytes."""
@@ -382,7 +369,7 @@ def _describe_detector(detector) -> dict:
 
 def _prepare(path: str, stem: str, size: int, detector, detector_info) -> dict:
     """The model input for one file (raises images.ImageError with the reason)."""
-    data, rgb, conversions = read_rgb8(path)
+    data, rgb, conversions = image_io.read_rgb8(path)
     item = {"path": path, "stem": stem, "sha256": sha256(data), "original": rgb, "align": None,
             "conversions": conversions}  # fmt: skip
     if detector is None:

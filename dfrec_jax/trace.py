@@ -54,7 +54,7 @@ ROLES = ("source", "target")
 
 
 def _read_square(path: str) -> tuple[bytes, np.ndarray]:
-    data, rgb, _ = recover.read_rgb8(path)
+    data, rgb, _ = image_io.read_rgb8(path)
     if rgb.shape[0] != rgb.shape[1]:
         raise image_io.ImageError(f"{rgb.shape[1]}x{rgb.shape[0]} is not square (aligned faces)")
     return data, rgb
