@@ -66,7 +66,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 case "${1:-main}" in
   test)
     shift
-    exec "$PY" -m pytest "$@"
+    # Test files spread over DFREC_TEST_WORKERS processes (default 2; 0 = one process, which
+    # `-s` needs), each file whole on one worker so its module fixtures are built once. Most
+    # of the suite is XLA compiling tiny models, one core per compile.
+    exec "$PY" -m pytest -n "${DFREC_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   main)
     # Build the demo dataset (lfw_swap from the LFW folder; reused once built), train the demo

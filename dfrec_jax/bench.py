@@ -24,6 +24,7 @@ the identity nets, every output back on the host) at batch 1/8/32 unless `--batc
 `--workdir W` uses that run's trained weights instead of a random init.
 """
 
+import functools
 import json
 import os
 import platform
@@ -313,11 +314,17 @@ def bench_train_step(
 
 
 def measure_step(train_step, state, batch, *, repeats: int, warmup: int):
-    """Compiles jit `train_step(state, batch) -> (state, metrics)` (the state may be donated)
-    and times it: returns the new state and compile_s, flops_per_device, times (s), loss."""
+    """Compiles jit `train_step(state, batch) -> (state, metrics)` (the state may be donated;
+    a `step.TrainStep` brings its frozen networks' weights) and times it: returns the new
+    state and compile_s, flops_per_device, times (s), loss."""
+    from dfrec_jax.train import step as step_lib
+
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    flops = flops_of(compiled)
+    if isinstance(train_step, step_lib.TrainStep):
+        compiled = functools.partial(train_step.call, compiled)
     metrics = None
     for _ in range(warmup):
         state, metrics = jax.block_until_ready(compiled(state, batch))
@@ -328,7 +335,7 @@ def measure_step(train_step, state, batch, *, repeats: int, warmup: int):
         times.append(time.perf_counter() - start)
     measured = {
         "compile_s": compile_s,
-        "flops_per_device": flops_of(compiled),
+        "flops_per_device": flops,
         "times": times,
         "loss": float(metrics["total"]),
     }

@@ -1,23 +1,40 @@
 """Builds the frozen networks of the training loss (`losses.LossNets`) from `config.loss`.
 
 Every network is a real pretrained one, read offline (dfrec_jax/pretrained); its weights are
-constants behind stop_gradient, so only the recovered images receive gradients.
+behind stop_gradient, so only the recovered images receive gradients. Each is a pytree whose
+leaves are its weights, so the train and validation steps take them as arguments
+(`losses.split_frozen`) rather than compiling them into their programs as constants.
 """
 
+from typing import Any
+
 import jax
+from flax import struct
 
 from dfrec_jax import losses
 from dfrec_jax.pretrained import attributes, facenet, vgg
 
 
-def _identity_net(name: str, path: str):
-    net = facenet.load_named(name, path, "loss")
+class IdentityNet(struct.PyTreeNode):
+    """FaceNet as the identity loss calls it: images -> (4 feature maps, embedding)."""
 
-    def identity(images):
-        out = net(images)
+    net: facenet.FaceNet
+
+    def __call__(self, images):
+        out = self.net(images)
         return out["features"], out["embedding"]
 
-    return identity
+
+class Resized(struct.PyTreeNode):
+    """`net` applied to images resized to size x size (antialiased, differentiable)."""
+
+    net: Any
+    size: int = struct.field(pytree_node=False)
+
+    def __call__(self, images):
+        b, _, _, c = images.shape
+        return self.net(jax.image.resize(images, (b, self.size, self.size, c), "bilinear",
+                                         antialias=True))  # fmt: skip
 
 
 def _perceptual_net(name: str, path: str):
@@ -32,26 +49,18 @@ def _perceptual_net(name: str, path: str):
     raise ValueError(f"unknown loss.perceptual_net {name!r} (vgg16_lpips|vgg19_torchvision)")
 
 
-def _resized(net, size: int):
-    """`net` applied to images resized to size x size (antialiased, differentiable)."""
-
-    def fn(images):
-        b, _, _, c = images.shape
-        return net(jax.image.resize(images, (b, size, size, c), "bilinear", antialias=True))
-
-    return fn
-
-
 def build_loss_nets(loss_config) -> losses.LossNets:
     perceptual = _perceptual_net(loss_config.perceptual_net, loss_config.perceptual_weights)
     if loss_config.perceptual_size:
         # VGG is most of a step's FLOPs; the CPU demo runs it at half resolution.
-        perceptual = _resized(perceptual, loss_config.perceptual_size)
+        perceptual = Resized(perceptual, int(loss_config.perceptual_size))
     attribute = None
     if loss_config.attribute_net != "none":
         attribute = attributes.load_attribute_net(loss_config.attribute_net)
     return losses.LossNets(
-        identity=_identity_net(loss_config.identity_net, loss_config.identity_weights),
+        identity=IdentityNet(
+            facenet.load_named(loss_config.identity_net, loss_config.identity_weights, "loss")
+        ),
         perceptual=perceptual,
         attribute=attribute,
     )

@@ -61,10 +61,12 @@ images' network outputs are also wrapped in stop_gradient: they are fixed refere
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dfrec_jax import masking
@@ -75,13 +77,43 @@ NUM_IDENTITY_LAYERS = 4
 NUM_PERCEPTUAL_LAYERS = 5
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["identity", "perceptual", "attribute"],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class LossNets:
-    """The frozen networks the losses use (callables on [B, H, W, 3] images in [0, 1])."""
+    """The frozen networks the losses use (callables on [B, H, W, 3] images in [0, 1]).
+
+    A pytree: a network that is itself a pytree (loss_nets.py's are) contributes its weights as
+    leaves; a plain function is one leaf that `split_frozen` keeps out of the arguments.
+    """
 
     identity: Callable
     perceptual: Callable
     attribute: Callable | None
+
+
+def split_frozen(nets: Any) -> tuple[list, Callable[[list], Any]]:
+    """(arrays, rebuild): the array leaves of `nets` (e.g. a LossNets) and a function that puts
+    such a list (or its tracers) back in their places, every other leaf as it was.
+
+    A jitted step that takes `arrays` as an argument and calls `rebuild` inside compiles the
+    frozen networks' weights as parameters, not constants: 155 MB of FaceNet, VGG16 and
+    face-api weights otherwise go into every compiled program (and its compile time).
+    """
+    leaves, treedef = jax.tree.flatten(nets)
+    is_array = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+    arrays = [x for x, a in zip(leaves, is_array) if a]
+
+    def rebuild(new_arrays):
+        if len(new_arrays) != len(arrays):
+            raise ValueError(f"split_frozen: expected {len(arrays)} arrays, got {len(new_arrays)}")
+        it = iter(new_arrays)
+        return jax.tree.unflatten(treedef, [next(it) if a else x for x, a in zip(leaves, is_array)])
+
+    return arrays, rebuild
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +130,25 @@ class LossWeights:
     perceptual_target: float = 2.0  # lambda on the target term inside L_perc (Eq. 7)
 
 
-def frozen(apply_fn: Callable, variables: Any) -> Callable:
-    """images -> apply_fn(stop_gradient(variables), images): a network whose parameters are
-    constants even when `variables` are traced (jit arguments, or inside a grad)."""
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["variables"], meta_fields=["apply_fn"]
+)
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """images -> apply_fn(stop_gradient(variables), images); a pytree whose leaves are the
+    variables (so `split_frozen` can make them arguments of a jitted step)."""
 
-    def fn(images):
-        return apply_fn(jax.lax.stop_gradient(variables), images)
+    apply_fn: Callable
+    variables: Any
 
-    return fn
+    def __call__(self, images):
+        return self.apply_fn(jax.lax.stop_gradient(self.variables), images)
+
+
+def frozen(apply_fn: Callable, variables: Any) -> Frozen:
+    """A network whose parameters are constants even when `variables` are traced (jit
+    arguments, or inside a grad): images -> apply_fn(stop_gradient(variables), images)."""
+    return Frozen(apply_fn, variables)
 
 
 def _check_pair(name: str, recovered: jax.Array, true: jax.Array) -> None:

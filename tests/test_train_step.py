@@ -7,6 +7,8 @@ seconds. Loss networks are tiny random conv nets (the losses only see callables)
 """
 
 import dataclasses
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -280,6 +282,25 @@ def test_adamw_clipping_and_accumulation_on_a_quadratic():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-10), u2, want)
     np.testing.assert_allclose(state_lib.current_learning_rate(s), 1e-4)
 
+    # flatten=True: the same AdamW updates (with the warmup's lr on record), one moment vector.
+    cfg = _optim(weight_decay=0.1, warmup_steps=4, clip_norm=0.5)
+    flat, plain = state_lib.make_optimizer(_flat(cfg), 10), state_lib.make_optimizer(cfg, 10)
+    sf, sp = flat.init(params), plain.init(params)
+    for g in (g1, g2, g1):
+        uf, sf = flat.update(g, sf, params)
+        up, sp = plain.update(g, sp, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12), uf, up)
+    lr = state_lib.current_learning_rate(sp)
+    assert 0 < float(lr) < 1e-4  # still warming up
+    np.testing.assert_allclose(state_lib.current_learning_rate(sf), lr, rtol=1e-6)
+    assert [x.shape for x in jax.tree.leaves(optax.tree_utils.tree_get(sf, "mu"))] == [(10,)]
+
+
+def _flat(cfg):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.flatten = True
+    return cfg
+
 
 # ----------------------------------------------------------------------------
 # Train state.
@@ -376,6 +397,41 @@ def test_metrics_and_donation(tiny, loss_nets):
     out, _ = keep(new, _put(_batch(6), mesh))
     assert not any(x.is_deleted() for x in jax.tree.leaves(new))
     assert int(out.step) == int(new.step) + 1
+
+
+def _largest_constant(hlo_text: str) -> int:
+    """Elements of the largest `stablehlo.constant` in a lowered program's text."""
+    largest = 0
+    for line in hlo_text.splitlines():
+        if "stablehlo.constant" in line:
+            for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", line):
+                largest = max(largest, math.prod(int(d) for d in dims.rstrip("x").split("x")))
+    return largest
+
+
+def test_frozen_weights_are_arguments_not_constants(tiny, loss_nets):
+    """The loss networks' weights reach the compiled step as (replicated) arguments; compiled
+    in as constants they cost compile time and program size (155 MB for the real ones)."""
+    arrays, rebuild = losses.split_frozen(loss_nets)
+    assert len(arrays) == len(jax.tree.leaves(loss_nets)) > 0
+    assert jax.tree.structure(rebuild(arrays)) == jax.tree.structure(loss_nets)
+    with pytest.raises(ValueError, match="expected"):
+        rebuild(arrays[1:])
+    biggest = max(x.size for x in arrays)
+    assert biggest > 64  # a weight big enough to show up below if it were a constant
+    mesh, step = tiny.mesh, tiny.step
+    assert all(a.sharding.is_fully_replicated for a in step.frozen_arrays)
+    state = tiny.fresh()
+    text = step.lower(state, _put(_batch(5), mesh)).as_text()
+    assert _largest_constant(text) < biggest
+    # The same nets closed over as constants: the check above would catch it.
+    baked = jax.jit(lambda x: loss_nets.identity(x)[1]).lower(jnp.zeros((1, SIZE, SIZE, 3)))
+    assert _largest_constant(baked.as_text()) >= biggest
+    # A plain function is one non-array leaf: kept as it is, not an argument.
+    plain = losses.LossNets(identity=lambda x: x, perceptual=loss_nets.perceptual, attribute=None)
+    arrays, rebuild = losses.split_frozen(plain)
+    assert len(arrays) == len(jax.tree.leaves(loss_nets.perceptual))
+    assert rebuild(arrays).identity is plain.identity
 
 
 def test_step_accumulation_and_clipping(loss_nets):

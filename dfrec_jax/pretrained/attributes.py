@@ -386,20 +386,33 @@ def _to_vector(out: dict[str, jax.Array]) -> jax.Array:
     return jnp.concatenate(parts, axis=-1).astype(jnp.float32)
 
 
+@jax.tree_util.register_pytree_node_class
 class AttributeNet:
     """Face attribute vector [B, A] from images [B,S,S,3] in [0,1] (any square size S).
 
     Layout (see `attribute_names()`): 68 landmarks as x0, y0, x1, y1, ... in fractions of the
     image size; 7 expression probabilities; age / 100; P(male). Heads left out are absent.
-    Jittable and differentiable w.r.t. the images; the weights are constants.
+    Jittable and differentiable w.r.t. the images; the weights are constants. A pytree (the
+    weights are its leaves, heads and dtype static), so a jitted step can take it as an
+    argument instead of baking 4 MB of weights into its program.
     """
 
     def __init__(self, variables: dict, heads: Sequence[str] = HEADS, dtype: Any = jnp.float32):
         self.heads = tuple(h for h in HEADS if h in heads)  # fixed order, whatever was given
+        self.dtype = dtype
         self.module = FaceApiAttributes(self.heads, dtype=dtype)
         self.variables = jax.tree.map(jnp.asarray, variables)
-        self._predict = jax.jit(self._apply)
-        self._vector = jax.jit(lambda variables, images: _to_vector(self._apply(variables, images)))
+
+    def tree_flatten(self):
+        return (self.variables,), (self.heads, self.dtype)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        net = object.__new__(cls)  # leaves may be tracers: no jnp.asarray of them
+        net.heads, net.dtype = aux
+        net.module = FaceApiAttributes(net.heads, dtype=net.dtype)
+        (net.variables,) = children
+        return net
 
     @classmethod
     def load(
@@ -411,17 +424,17 @@ class AttributeNet:
         """
         return cls(load_face_api_variables(directory, heads), heads, dtype)
 
-    def _apply(self, variables, images):
-        variables = jax.lax.stop_gradient(variables)  # frozen: gradients reach the images only
+    def apply(self, images):
+        variables = jax.lax.stop_gradient(self.variables)  # frozen: gradients reach the images only
         return self.module.apply(variables, preprocess(images))
 
     def predict(self, images: jax.Array) -> dict[str, jax.Array]:
         """Named outputs: landmarks [B,68,2] (x, y in [0,1]), expression [B,7], age [B] in
         years, gender_male [B], for the loaded heads."""
-        return self._predict(self.variables, images)
+        return _predict(self, images)
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        return self._vector(self.variables, images)
+        return _vector(self, images)
 
     def attribute_names(self) -> list[str]:
         names = []
@@ -432,6 +445,16 @@ class AttributeNet:
         if "age_gender" in self.heads:
             names += ["age_years_div100", "gender_male_prob"]
         return names
+
+
+@jax.jit
+def _predict(net: AttributeNet, images):
+    return net.apply(images)
+
+
+@jax.jit
+def _vector(net: AttributeNet, images):
+    return _to_vector(net.apply(images))
 
 
 AttributeFn = Callable[[jax.Array], jax.Array]  # images [B,H,W,3] in [0,1] -> [B,A]

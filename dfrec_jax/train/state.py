@@ -82,6 +82,11 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
         b2=float(optim_config.b2),
         weight_decay=float(optim_config.weight_decay),
     )
+    if optim_config.get("flatten", False):
+        # One concatenated vector instead of ~430 leaves: the update compiles to a few fused
+        # ops (XLA's compile time grows with the leaf count). It gathers the parameters into
+        # one array, so it is for data parallelism, not fsdp.
+        adamw = optax.flatten(adamw)
     clip = float(optim_config.clip_norm)
     if clip < 0:
         raise ValueError(f"optim.clip_norm must be >= 0 (0 = off), got {clip}")

@@ -92,6 +92,28 @@ def train_step_fn(model, loss_nets: losses.LossNets, loss_weights: losses.LossWe
     return step
 
 
+class TrainStep:
+    """The jitted step bound to the frozen loss networks' weights: `step(state, batch)`.
+
+    The weights are an argument of the compiled program (placed replicated once), not
+    constants inside it; `lower(state, batch)` and `call(compiled, state, batch)` give the
+    ahead-of-time path (bench) the same signature.
+    """
+
+    def __init__(self, jitted, frozen_arrays):
+        self.jitted = jitted
+        self.frozen_arrays = frozen_arrays
+
+    def __call__(self, state, batch):
+        return self.jitted(state, batch, self.frozen_arrays)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, batch, self.frozen_arrays)
+
+    def call(self, compiled, state, batch):
+        return compiled(state, batch, self.frozen_arrays)
+
+
 def make_train_step(
     model,
     loss_nets: losses.LossNets,
@@ -101,18 +123,25 @@ def make_train_step(
     state_sharding: TrainState,
     *,
     donate: bool = True,
-) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
+) -> TrainStep:
     """jit(step) over `mesh`: state in `state_sharding`, every batch leaf split on axis 0 over
-    ("data", "fsdp"), metrics (float32 scalars) replicated; the input state is donated.
+    ("data", "fsdp"), the loss networks' weights and the metrics (float32 scalars)
+    replicated; the input state is donated.
 
     Metrics: every term of `losses.total_loss`, total, grad_norm (before clipping),
     param_norm (after the step), lr (of the last applied update), nonfinite (1.0 = this step
     was skipped), nonfinite_streak, nonfinite_total.
     """
-    step = train_step_fn(model, loss_nets, loss_weights, tx)
-    return jax.jit(
+    arrays, rebuild = losses.split_frozen(loss_nets)
+
+    def step(state, batch, frozen_arrays):
+        return train_step_fn(model, rebuild(frozen_arrays), loss_weights, tx)(state, batch)
+
+    replicated = sharding_lib.replicated(mesh)
+    jitted = jax.jit(
         step,
-        in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+        in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh), replicated),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=(0,) if donate else (),
     )
+    return TrainStep(jitted, jax.device_put(arrays, replicated))

@@ -113,9 +113,15 @@ def _data_pipelines(config, mesh):
     return train, validation
 
 
-def _make_eval_step(model, nets, weights):
+def _make_eval_step(model, nets, weights, mesh):
+    """jit (params, batch_stats, batch, rng) -> loss metrics, the frozen networks' weights an
+    argument (replicated), as in the train step."""
+    arrays, rebuild = losses.split_frozen(nets)
+    arrays = jax.device_put(arrays, sharding.replicated(mesh))
+
     @jax.jit
-    def eval_step(params, batch_stats, batch, rng):
+    def eval_step_with(params, batch_stats, batch, rng, frozen_arrays):
+        nets = rebuild(frozen_arrays)
         batch = normalize_batch(batch)
         variables = {"params": params, "batch_stats": batch_stats}
         outputs = model.apply(variables, batch["image"], train=False, rngs={"masking": rng})
@@ -123,6 +129,9 @@ def _make_eval_step(model, nets, weights):
                                outputs)  # fmt: skip
         total, metrics = losses.total_loss(outputs, batch, nets, weights)
         return dict(metrics, total=total)
+
+    def eval_step(params, batch_stats, batch, rng):
+        return eval_step_with(params, batch_stats, batch, rng, arrays)
 
     return eval_step
 
@@ -230,7 +239,7 @@ def train(
         pipeline.restore(data_state)
     start = int(state.step)
     train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
-    eval_step = _make_eval_step(model, nets, weights)
+    eval_step = _make_eval_step(model, nets, weights, mesh)
     predict = _make_predict(model)
     writer = metric_writer.MetricWriter(workdir)
     progress = progress_lib.Progress(total_steps, start, every=cfg_train.log_every)
