@@ -95,9 +95,35 @@ class LossNets:
     attribute: Callable | None
 
 
-def split_frozen(nets: Any) -> tuple[list, Callable[[list], Any]]:
-    """(arrays, rebuild): the array leaves of `nets` (e.g. a LossNets) and a function that puts
-    such a list (or its tracers) back in their places, every other leaf as it was.
+class FrozenLayout:
+    """Puts a list of arrays back into the places `split_frozen` took them from. Hashable and
+    comparable (by tree structure and non-array leaves), so jit can take it as a static
+    argument and two equal layouts share one compiled program."""
+
+    def __init__(self, treedef, static_leaves: tuple):
+        self.treedef, self.static_leaves = treedef, static_leaves  # None marks an array slot
+        self.count = sum(leaf is None for leaf in static_leaves)
+
+    def __call__(self, arrays):
+        if len(arrays) != self.count:
+            raise ValueError(f"split_frozen: expected {self.count} arrays, got {len(arrays)}")
+        it = iter(arrays)
+        leaves = [next(it) if leaf is None else leaf for leaf in self.static_leaves]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def __hash__(self):
+        return hash((self.treedef, self.static_leaves))
+
+    def __eq__(self, other):
+        return isinstance(other, FrozenLayout) and (self.treedef, self.static_leaves) == (
+            other.treedef,
+            other.static_leaves,
+        )
+
+
+def split_frozen(nets: Any) -> tuple[list, FrozenLayout]:
+    """(arrays, rebuild): the array leaves of `nets` (a LossNets, eval's scorers) and the
+    layout that puts such a list (or its tracers) back, every other leaf as it was.
 
     A jitted step that takes `arrays` as an argument and calls `rebuild` inside compiles the
     frozen networks' weights as parameters, not constants: 155 MB of FaceNet, VGG16 and
@@ -106,14 +132,8 @@ def split_frozen(nets: Any) -> tuple[list, Callable[[list], Any]]:
     leaves, treedef = jax.tree.flatten(nets)
     is_array = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
     arrays = [x for x, a in zip(leaves, is_array) if a]
-
-    def rebuild(new_arrays):
-        if len(new_arrays) != len(arrays):
-            raise ValueError(f"split_frozen: expected {len(arrays)} arrays, got {len(new_arrays)}")
-        it = iter(new_arrays)
-        return jax.tree.unflatten(treedef, [next(it) if a else x for x, a in zip(leaves, is_array)])
-
-    return arrays, rebuild
+    static = tuple(None if a else x for x, a in zip(leaves, is_array))
+    return arrays, FrozenLayout(treedef, static)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,9 +142,15 @@ def take_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def scatter_tokens(base: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
-    """Replaces rows idx[b, m] of base [B, N, D] by values [B, M, D] (differentiable)."""
-    batch = jnp.arange(base.shape[0])[:, None]
-    return base.at[batch, idx].set(values.astype(base.dtype))
+    """Replaces rows idx[b, m] of base [B, N, D] by values [B, M, D] (differentiable).
+
+    One scatter per example under vmap: the batch axis stays a batch dimension of the
+    scatter, so a data-parallel step keeps it sharded. An explicit batch index
+    (`base.at[arange(B)[:, None], idx]`) hides it from XLA's partitioner, which then
+    all-gathers the global batch's tokens on every device (and all-reduces them backward).
+    """
+    values = values.astype(base.dtype)
+    return jax.vmap(lambda row, i, v: row.at[i].set(v))(base, idx, values)
 
 
 def _paper_order(seg: jax.Array, rng: jax.Array, patch_size: int) -> jax.Array:
@@ -196,5 +202,5 @@ def semantic_guided_masking(
         order = _official_order(seg, rng, patch_size).astype(jnp.int32)
         keep_idx, mask_idx = order[:, : n - k], order[:, n - k :]
 
-    mask = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], mask_idx].set(True)
+    mask = scatter_tokens(jnp.zeros((b, n, 1), bool), mask_idx, jnp.ones((b, k, 1), bool))[..., 0]
     return MaskingResult(mask_idx=mask_idx, keep_idx=keep_idx, mask=mask)

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfrec_jax import losses
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import baselines, identity, metrics, pose, report
 from dfrec_jax.train.progress import Progress
@@ -118,23 +119,8 @@ def load_eval_nets(eval_config) -> EvalNets:
 # ----------------------------------------------------------------------------- device metrics
 
 
-def _split_arrays(tree) -> tuple[list, tuple]:
-    """(array leaves, hashable rest) of a pytree of callables: jit takes the arrays as
-    arguments (closed-over arrays would be embedded in the program) and the rest as static."""
-    leaves, treedef = jax.tree.flatten(tree)
-    is_array = [isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves]
-    arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
-    return arrays, (treedef, tuple(None if a else leaf for leaf, a in zip(leaves, is_array)))
-
-
-def _merge_arrays(arrays, static):
-    treedef, leaves = static
-    it = iter(arrays)
-    return jax.tree.unflatten(treedef, [next(it) if leaf is None else leaf for leaf in leaves])
-
-
-@functools.partial(jax.jit, static_argnames=("static",))
-def _device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *, static):
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *, layout):
     """Per-sample metrics of every row of one batch.
 
     images, sources, targets: uint8 [B,S,S,3]; baseline_targets: uint8 [R-1,B,S,S,3] (row 0 is
@@ -142,7 +128,7 @@ def _device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *
     [R,B] (idsim_target_*, idsim_input_facenet, lpips, psnr, ssim), [2,B] (idsim_source_*:
     rows "none" and "dfrec"), fid features [R,B,D] and the targets' [B,D].
     """
-    facenet, dlib, fid_features, lpips = _merge_arrays(arrays, static)
+    facenet, dlib, fid_features, lpips = layout(arrays)
     identity_nets = identity.IdentityNets(facenet=facenet, dlib=dlib)
     unit = lambda x: x.astype(jnp.float32) / 255.0  # noqa: E731
     images, sources, targets = unit(images), unit(sources), unit(targets)
@@ -200,7 +186,7 @@ class _Evaluator:
             )
         self.rows = ("none",) + tuple(f"inpaint_{m}" for m in self.methods) + ("dfrec",)
         scorers = (nets.identity.facenet, nets.identity.dlib, nets.fid_features, nets.lpips)
-        self.arrays, self.static = _split_arrays(scorers)
+        self.arrays, self.layout = losses.split_frozen(scorers)
 
     def _regions(self, input_landmarks, size: int) -> np.ndarray:
         """bool [B,S,S]: where the inpainting baselines fill."""
@@ -228,7 +214,7 @@ class _Evaluator:
             batch["target"],
             baseline_targets,
             dfrec,
-            static=self.static,
+            layout=self.layout,
         )
         # Head pose of the true targets and of each row's recovered target: one landmark call.
         # The "none" row's target is the input, whose landmarks are known already.
