@@ -97,7 +97,8 @@ def nets(data):
     def fid_features(variables, x):
         return jnp.mean(features.apply(variables, x)[-1], axis=(1, 2))
 
-    def lpips(variables, a, b):
+    def lpips(variables, a, b):  # a [R*B] against b [B], as EvalNets.lpips
+        b = jnp.tile(b, (a.shape[0] // b.shape[0], 1, 1, 1))
         fa, fb = features.apply(variables, a), features.apply(variables, b)
         return sum(jnp.mean((x - y) ** 2, axis=(1, 2, 3)) for x, y in zip(fa, fb))
 

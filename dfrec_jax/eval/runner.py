@@ -88,7 +88,8 @@ class EvalNets:
     """The frozen networks eval scores with.
 
     identity: FaceNet + dlib embeddings (identity.IdentityNets). fid_features: images
-    [B,S,S,3] in [0,1] -> [B,D] Inception pool features. lpips: (a, b) -> [B]. landmarks:
+    [B,S,S,3] in [0,1] -> [B,D] Inception pool features. lpips: (a [R*B], b [B]) -> [R*B],
+    a[i] against b[i % B] (each row of recoveries against the same targets). landmarks:
     uint8 images [B,S,S,3] -> [B,68,2] (x, y) pixels, called on the host.
     Every scorer but landmarks may be a pytree (InceptionFID, LPIPS, identity.load's
     jax.tree_util.Partial nets): its arrays then enter the jitted metrics function as
@@ -151,7 +152,7 @@ def _device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *
         else:  # dlib's own rule: same person when the descriptors are closer than 0.6
             distance = jnp.sqrt(jnp.sum(jnp.square(r - t[None]), axis=-1))
             out["dlib_match_target"] = (distance < DLIB_SAME_PERSON).astype(jnp.float32)
-    out["lpips"] = lpips(flat, tiled).reshape(rows, b)
+    out["lpips"] = lpips(flat, targets).reshape(rows, b)  # the targets through VGG once
     out["psnr"] = metrics.psnr(flat, tiled).reshape(rows, b)
     out["ssim"] = metrics.ssim(flat, tiled).reshape(rows, b)
     features = fid_features(jnp.concatenate([targets, flat]))

@@ -224,15 +224,21 @@ class LPIPS(struct.PyTreeNode):
         return cls(vgg=jax.tree.map(jnp.asarray, vgg), lin=jax.tree.map(jnp.asarray, lin))
 
     def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """[N] distances of a [N,S,S,3] to b [M,S,S,3], N a multiple of M: a[i] against
+        b[i % M], so R rows of recoveries meet their M targets without tiling the targets
+        through VGG R times."""
+        n, m = a.shape[0], b.shape[0]
+        if n % m:
+            raise ValueError(f"LPIPS: {n} images against {m}: {n} is not a multiple of {m}")
         vgg = jax.lax.stop_gradient(self.vgg)
         lin = jax.lax.stop_gradient(self.lin)
         shift, scale = jnp.asarray(LPIPS_SHIFT), jnp.asarray(LPIPS_SCALE)
         x = jnp.concatenate([a, b], axis=0) * 2.0 - 1.0  # one trunk call for both inputs
         feats = VGGFeatures(16, normalize=False).apply({"params": vgg}, (x - shift) / scale)
-        n = a.shape[0]
         total = 0.0
         for i, f in enumerate(feats):
-            d = (_unit_normalize(f[:n]) - _unit_normalize(f[n:])) ** 2
+            fa = _unit_normalize(f[:n]).reshape((n // m, m) + f.shape[1:])
+            d = ((fa - _unit_normalize(f[n:])) ** 2).reshape((n,) + f.shape[1:])
             total = total + jnp.mean(d @ lin[f"lin{i}"], axis=(1, 2))
         return total
 
