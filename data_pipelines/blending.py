@@ -47,9 +47,8 @@ the identity of the returned `source`.
 
 import math
 
-import tensorflow as tf
-
 from data_pipelines.swap import MORPH_ALPHA, check_alpha_range
+from dfrec_jax.host_tf import tf
 
 METHOD = "blended"  # a splice: pure partner texture inside the region
 MORPH_METHOD = "morph_blended"  # a texture morph: alpha * partner + (1 - alpha) * target

@@ -6,6 +6,7 @@ import time
 import tensorflow_datasets as tfds
 
 from data_pipelines import splits
+from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 DATASETS = ("lfw_swap", "faceforensics", "celeba_megafs", "ffhq_e4s")
 

@@ -26,6 +26,8 @@ target outside the mask" holds bit for bit after decoding.
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
+
 NUM_LANDMARKS = 68
 LABELS = ("pristine", "forgery")
 PRISTINE = "pristine"

@@ -63,10 +63,10 @@ from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_pipelines import blending, swap
+from dfrec_jax.host_tf import tf
 from dfrec_jax.batch import batch_sharding, normalize_batch  # noqa: F401  (re-exported)
 
 # Append only: ids are saved in metrics. Compared lower-case; unknown methods map to "other".

@@ -21,7 +21,7 @@ a given level fixes it (evaluation tables). `parse("jpeg:75")` reads `--perturb`
 
 import math
 
-import tensorflow as tf
+from dfrec_jax.host_tf import tf
 
 PERTURBATIONS = ("gaussian_blur", "jpeg", "gaussian_noise")
 

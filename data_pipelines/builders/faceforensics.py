@@ -55,6 +55,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import splits
 from data_pipelines.builders import paired_images
+from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ skipped and counted: `builder.skip_summary()`.
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import paired_images
+from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 # The docstring's expected tree (tfds prints it when manual_dir is missing).
 MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__.split("\n\n", 1)[1].split("\nSources:")[0]

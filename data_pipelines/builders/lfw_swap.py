@@ -56,6 +56,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import features, skips, splits, swap
 from dfrec_jax import configlib
+from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import features, skips, splits
+from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 from tensorflow.core.framework import summary_pb2
 from tensorflow.core.util import event_pb2
+
+from dfrec_jax.host_tf import tf
 
 TENSORBOARD_DIR = "tensorboard"
 _SEPARATOR_PX = 2

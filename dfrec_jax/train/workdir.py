@@ -102,7 +102,7 @@ def config_hash(config) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    import tensorflow as tf
+    from dfrec_jax.host_tf import tf
 
     tmp = f"{path}.tmp-{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "w") as f:
@@ -118,7 +118,7 @@ def save_json(path: str, data) -> None:
     """Writes `data` as indented JSON to `path` atomically (temporary name, then rename);
     remote paths (gs://...) through tf.io.gfile, local ones without importing TensorFlow."""
     if "://" in path:
-        import tensorflow as tf
+        from dfrec_jax.host_tf import tf
 
         tf.io.gfile.makedirs(os.path.dirname(path))
         _write_atomic(path, _pretty(data))
@@ -132,7 +132,7 @@ def save_json(path: str, data) -> None:
 
 def _saved_hash(workdir: str) -> str | None:
     """Hash of the run's config.json, None if there is none."""
-    import tensorflow as tf
+    from dfrec_jax.host_tf import tf
 
     path = os.path.join(workdir, "config.json")
     if not tf.io.gfile.exists(path):
@@ -154,7 +154,7 @@ def save_run_metadata(workdir: str, config, *, resumed: bool = False) -> str:
     digest = config_hash(config)
     if jax.process_index() != 0:
         return digest
-    import tensorflow as tf
+    from dfrec_jax.host_tf import tf
 
     tf.io.gfile.makedirs(workdir)
     previous = _saved_hash(workdir)
