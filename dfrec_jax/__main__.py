@@ -19,11 +19,13 @@ folders and files are checked before any model is built or compiled.
 """
 
 import json
+import logging
 import os
 import re
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dfrec_jax import bench, forward, sweep
@@ -239,7 +241,19 @@ def _no_config_command(command: str) -> int:
     return 0
 
 
+def quiet_library_logs() -> None:
+    """Libraries' INFO lines (orbax writes ~20 per checkpoint; TFDS, XLA's backend probe) bury
+    the progress line and the warnings that matter: keep WARNING and up from them and INFO
+    from this project's own modules. absl's `--verbosity 0` (or `-v 0`) shows everything."""
+    if flags.FLAGS["verbosity"].present:
+        return
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("dfrec_jax", "data_pipelines"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv):
+    quiet_library_logs()
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m dfrec_jax {{{'|'.join(COMMANDS)}}} --config FILE")
     command = argv[1]
