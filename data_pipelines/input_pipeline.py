@@ -555,7 +555,7 @@ class InputPipeline:
         dataset_fn: Callable[[int], tf.data.Dataset],
         sharding: jax.sharding.NamedSharding,
         global_batch_size: int,
-        prefetch: int = 1,
+        prefetch: int = 2,  # two batches on the devices ahead: a slow host step does not stall
     ):
         processes = jax.process_count()
         if global_batch_size % processes:

@@ -2,8 +2,10 @@
 
 Names follow timm / MAE (`patch_embed`, `cls_token`, `pos_embed`, `blocks_i/{norm1,attn/{qkv,proj},
 norm2,mlp/{fc1,fc2}}`, `norm`) so that the converters can map ViT-B/16, ViT-L/16 and MAE
-checkpoints by name. Attention uses `jax.nn.dot_product_attention`, which lowers to a fused
-(cuDNN flash) kernel on GPU and to plain XLA on CPU/TPU.
+checkpoints by name. Attention is `jax.nn.dot_product_attention` with its default
+implementation, which in jax 0.10.2 is XLA's on every platform (cuDNN flash attention is only
+used when asked for with implementation="cudnn", which this project does not do, so exports
+carry no cuDNN call).
 """
 
 from typing import Any
