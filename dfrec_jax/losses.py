@@ -340,8 +340,9 @@ def total_loss(
     outputs: the DFREC model dict (source, target, pred_patches, mask_idx, seg_logits,
     forgery_logit). batch: image, source, target [B, H, W, 3], and, for the optional terms,
     mask [B, H, W, 1], has_mask [B], label [B]. Source and target recoveries go through each
-    network in one call (batch 2B, interleaved per example), the true faces in another. Without an attribute network
-    the attribute term is 0. A term whose weight is 0 is still reported when its inputs exist.
+    network in one call (batch 2B, interleaved per example), the true faces in another.
+    Without an attribute network the attribute term is 0. A term whose weight is 0 is still
+    reported when its inputs exist.
     """
     source, target = outputs["source"], outputs["target"]
     b = source.shape[0]

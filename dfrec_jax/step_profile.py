@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfrec_jax import bench, inference, losses
+from dfrec_jax import bench, losses
 
 
 def _timed(fn, *args, repeats: int) -> dict:
@@ -64,14 +64,18 @@ def _model_program(model):
 
 
 def _loss_program(per_sample_fn, net):
-    def loss(recovered, true):
-        out = per_sample_fn(net, recovered, true)
+    """(jit(arrays, recovered, true) -> d loss / d recovered, arrays): the net's weights an
+    argument, as in the train step (`losses.split_frozen`)."""
+    arrays, layout = losses.split_frozen(net)
+
+    def loss(recovered, true, arrays):
+        out = per_sample_fn(layout(arrays), recovered, true)
         return jnp.sum(out[0] if isinstance(out, tuple) else out)  # identity: (per, parts)
 
-    def run(recovered, true):
-        return jax.grad(loss)(recovered, true)
+    def run(arrays, recovered, true):
+        return jax.grad(loss)(recovered, true, arrays)
 
-    return jax.jit(run)
+    return jax.jit(run), arrays
 
 
 def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
@@ -92,15 +96,14 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
     parts = {"model": _timed(_model_program(model), variables, faces(batch_size),
                              jax.random.key(1), repeats=repeats)}  # fmt: skip
     recovered, true = faces(2 * batch_size), faces(2 * batch_size)
-    parts["identity"] = _timed(_loss_program(losses.identity_per_sample, nets.identity),
-                               recovered, true, repeats=repeats)  # fmt: skip
-    parts["perceptual"] = _timed(_loss_program(losses.perceptual_per_sample, nets.perceptual),
-                                 recovered, true, repeats=repeats)  # fmt: skip
-    if nets.attribute is not None:
-        parts["attribute"] = _timed(
-            _loss_program(losses.attribute_per_sample, nets.attribute),
-            recovered[:batch_size], true[:batch_size], repeats=repeats,
-        )
+    for name, per_sample_fn, net, n in (
+        ("identity", losses.identity_per_sample, nets.identity, 2 * batch_size),
+        ("perceptual", losses.perceptual_per_sample, nets.perceptual, 2 * batch_size),
+        ("attribute", losses.attribute_per_sample, nets.attribute, batch_size),  # targets only
+    ):
+        if net is not None:
+            program, arrays = _loss_program(per_sample_fn, net)
+            parts[name] = _timed(program, arrays, recovered[:n], true[:n], repeats=repeats)
 
     def update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -10,7 +10,11 @@ import pytest
 from dfrec_jax import configlib, host_tf
 
 _TF_IMPORT = re.compile(r"^\s*(import tensorflow|from tensorflow)", re.MULTILINE)
-_HOST_TF = re.compile(r"^\s*from dfrec_jax(\.host_tf)? import .*\b(host_tf|tf)\b", re.MULTILINE)
+# `from dfrec_jax.host_tf import tf`, or host_tf among `from dfrec_jax import ...` (one line or
+# a parenthesised block).
+_HOST_TF = re.compile(
+    r"^\s*from dfrec_jax(\.host_tf import tf\b| import (\([^)]*|[^\n(]*)\bhost_tf\b)", re.MULTILINE
+)
 
 
 def _library_files():

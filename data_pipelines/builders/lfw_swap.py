@@ -55,8 +55,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import features, skips, splits, swap
-from dfrec_jax import configlib
-from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
+from dfrec_jax import (
+    configlib,
+    host_tf,  # noqa: F401  (TensorFlow kept off the accelerators)
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,6 @@ not depend on the mesh shape. Nothing here assumes a single process.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -114,6 +112,13 @@ class TrainStep:
         return compiled(state, batch, self.frozen_arrays)
 
 
+def replicated_frozen(nets, mesh: jax.sharding.Mesh) -> tuple[list, losses.FrozenLayout]:
+    """`losses.split_frozen(nets)` with the arrays placed once, replicated over `mesh`: the
+    argument a jitted step takes instead of compiling the weights in as constants."""
+    arrays, layout = losses.split_frozen(nets)
+    return jax.device_put(arrays, sharding_lib.replicated(mesh)), layout
+
+
 def make_train_step(
     model,
     loss_nets: losses.LossNets,
@@ -132,7 +137,7 @@ def make_train_step(
     param_norm (after the step), lr (of the last applied update), nonfinite (1.0 = this step
     was skipped), nonfinite_streak, nonfinite_total.
     """
-    arrays, rebuild = losses.split_frozen(loss_nets)
+    arrays, rebuild = replicated_frozen(loss_nets, mesh)
 
     def step(state, batch, frozen_arrays):
         return train_step_fn(model, rebuild(frozen_arrays), loss_weights, tx)(state, batch)
@@ -144,4 +149,4 @@ def make_train_step(
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,) if donate else (),
     )
-    return TrainStep(jitted, jax.device_put(arrays, replicated))
+    return TrainStep(jitted, arrays)

@@ -116,8 +116,7 @@ def _data_pipelines(config, mesh):
 def _make_eval_step(model, nets, weights, mesh):
     """jit (params, batch_stats, batch, rng) -> loss metrics, the frozen networks' weights an
     argument (replicated), as in the train step."""
-    arrays, rebuild = losses.split_frozen(nets)
-    arrays = jax.device_put(arrays, sharding.replicated(mesh))
+    arrays, rebuild = step_lib.replicated_frozen(nets, mesh)
 
     @jax.jit
     def eval_step_with(params, batch_stats, batch, rng, frozen_arrays):
