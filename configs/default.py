@@ -85,6 +85,11 @@ def loss_config():
             perceptual_size=0,  # resize before the perceptual net; 0 = the input size
             # "face-api" (landmarks, expression, age, gender), "face-api-landmarks" or "none".
             attribute_net="face-api",
+            # Precision the frozen networks compute in: "float32" or "bfloat16" (weights and
+            # activations; preprocessing, softmaxes and every loss reduction stay float32, the
+            # loss values are float32). The `dtype=` config arg sets it with model.dtype; set
+            # it alone to mix. Deviation from float32: tests/test_loss_nets_bf16.py.
+            dtype="float32",
         )
     )
 
@@ -230,7 +235,9 @@ def mesh_config():
             data=-1,
             fsdp=1,
             fsdp_min_size=2**18,  # arrays with fewer elements stay replicated
-            distributed=False,  # call jax.distributed.initialize() (multi-host) first
+            # jax.distributed.initialize() first: "auto" when the environment says the job
+            # has several processes (SLURM, Open MPI, TPU pod; train/multihost.py), yes, no
+            distributed="auto",
         )
     )
 
@@ -243,6 +250,7 @@ def get_config(arg=None):
     config.data = data_config(dataset=arg.dataset)
     config.data.methods = (arg.method,) if arg.method else ()
     config.loss = loss_config()
+    config.loss.dtype = arg.dtype  # the frozen networks compute in the model's precision
     config.optim = optim_config()
     config.train = train_config()
     config.mesh = mesh_config()

@@ -13,16 +13,26 @@ fixed-shape tensors, no strings:
 - evaluation only: `valid` float32 [B] (0 for padding) and `index` int32 [B] (the example's
   position in `examples`, -1 for padding).
 
+Process part (`process_part`, training and evaluation): each process takes a contiguous
+block of the examples, `tfds.even_splits(split, process_count)[process_index]` with
+drop_remainder=False (block sizes differ by at most 1, the first N % process_count blocks
+hold one more). Given a `Split` (builder, split name), a host reads only its own block's
+records (tfds file instructions), never the whole split; a dataset is cut into the same
+blocks with skip/take (reading the records before its block).
+
 Training (`training=True`):
-- Process shard: `examples.shard(process_count, process_index)` (every process reads its own
-  1/process_count of the records; all processes yield one batch per step forever).
-- Streams: the shard is split by label into a pristine stream, a forgery stream and two
+- All processes yield one batch per step forever, each from its own part only.
+- Streams: the part is split by label into a pristine stream, a forgery stream and two
   blended-image (BI) streams (targets, partners) of blendable pristine faces
   (`blending.is_blendable`). Each stream repeats forever; its epoch e is the stream's records
   rotated by a random offset and permuted in blocks of `shuffle_buffer` records (one block =
   a full permutation when the stream is smaller), with stateless random ops keyed by
   (seed, stream, epoch, block): a pure function of the seed, independent of TF's global seed
-  and of iterator state. This happens on the encoded records, before decoding.
+  and of iterator state. This happens on the encoded records, before decoding. A stream
+  selects its records by the metadata pass's label / blendability of each position, so no
+  image (not even `face_mask`) is decoded to filter; each stream still reads the part once
+  per epoch of its own (keeping the part in memory would not fit large datasets; tfds
+  already caches datasets under 250 MiB).
 - Mix: every batch holds exactly `mix_counts(mix, B)` examples of each kind: dataset forgeries,
   fresh BI forgeries and pristine faces, at a fixed interleaved slot pattern
   (`choice_pattern`, via `tf.data.Dataset.choose_from_datasets`). A BI forgery is
@@ -33,17 +43,18 @@ Training (`training=True`):
   LFW) is a same-identity partner used. Blend randomness is keyed by (seed, BI index),
   including whether a BI forgery is a texture morph (probability `blended_morph_fraction`,
   alpha ~ U[morph_alpha], method "morph_blended") or a splice ("blended", alpha 1).
-- A kind whose stream is empty in this process's shard (no pristine faces, no forgeries, or
+- A kind whose stream is empty in this process's part (no pristine faces, no forgeries, or
   fewer than 2 blendable identities) is dropped from `mix` with a logged warning and the other
   fractions are renormalised; nothing usable at all is a ValueError.
 - Flip: each example's image/source/target/mask are flipped left-right together with
   probability 1/2, keyed by (seed, batch index, slot).
 
-Evaluation (`training=False`): the process shard of `examples` once, in order, no mix or
+Evaluation (`training=False`): the process part of `examples` once, in order, no mix or
 flip; `perturb` (e.g. "jpeg:70", `perturbations.parse`) applied to `image` only, seeded by
-(seed, example index). Every process yields the same number of batches,
-ceil(ceil(N / process_count) / B); the last ones are padded with zero examples marked
-`valid` = 0 (`has_mask` = 0 too, so a masked loss ignores them).
+(seed, example index). Every process yields the same number of batches, ceil(largest part /
+B) = ceil(ceil(N / process_count) / B) for a plain split; the last ones are padded with zero
+examples marked `valid` = 0 (`has_mask` = 0 too, so a masked loss ignores them). A
+process's real examples are one contiguous range of split positions (its part).
 
 Resume: `start_batch=k` gives exactly the batches k, k+1, ... of an uninterrupted run: every
 stream's position after k batches is known (k * its per-batch count), so each stream starts
@@ -52,7 +63,7 @@ batch or epoch index. `InputPipeline` saves {"next_batch": k} with the checkpoin
 
 Images may come decoded (uint8 [S,S,C]) or encoded (PNG/JPEG strings: `load_examples` reads a
 TFDS builder that way, so that skipped records are never decoded). One metadata pass over the
-(process's) examples counts labels and identities when a pipeline is built.
+process's part counts labels and identities when a pipeline is built.
 """
 
 import hashlib
@@ -60,6 +71,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -153,11 +165,71 @@ def choice_pattern(counts: Mapping[str, int]) -> list[int]:
 # ----------------------------------------------------------------------------- examples
 
 
+class Split(NamedTuple):
+    """A prepared builder's split, given to `make_dataset` / `training_dataset` in place of its
+    examples so that each process reads only its own part of it (`process_part`)."""
+
+    builder: tfds.core.DatasetBuilder
+    name: str
+
+
 def load_examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
-    """A prepared builder's split in stored order, images left encoded (decoded later, and
-    only for the records a pipeline actually uses)."""
+    """A prepared builder's split (or sub-split) in stored order, images left encoded
+    (decoded later, and only for the records a pipeline actually uses)."""
     decoders = {k: tfds.decode.SkipDecoding() for k in IMAGE_KEYS}
     return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+
+
+def part_sizes(total: int, process_count: int) -> list[int]:
+    """Examples in each process part: tfds.even_splits(drop_remainder=False) sizes."""
+    return [total // process_count + int(i < total % process_count) for i in range(process_count)]
+
+
+def _count(examples: tf.data.Dataset) -> int:
+    """The number of examples: their known cardinality, else one pass (nothing decoded)."""
+    n = int(examples.cardinality())
+    if n == tf.data.INFINITE_CARDINALITY:
+        raise ValueError("examples are an infinite dataset; process parts need a finite one")
+    if n >= 0:
+        return n
+    return int(examples.reduce(np.int64(0), lambda n, _: n + 1))
+
+
+class ProcessPart(NamedTuple):
+    examples: tf.data.Dataset  # this process's block, in stored order
+    offset: int  # position of its first example in the whole split
+    largest: int | None  # the largest block's size; None for one process (the whole split)
+    first: tf.data.Dataset  # the split's first example (image size for an empty part)
+
+
+def process_part(
+    examples: tf.data.Dataset | Split, process_index: int, process_count: int
+) -> ProcessPart:
+    """This process's contiguous block of `examples`:
+    tfds.even_splits(split, process_count, drop_remainder=False)[process_index].
+
+    A `Split` is read as that sub-split: only the block's records are read (tfds file
+    instructions). A dataset is cut into the same blocks (skip/take, reading the records
+    before the block); with one process it is used as given.
+    """
+    if isinstance(examples, Split):
+        builder, split = examples
+        first = load_examples(builder, split).take(1)  # lazy: reads one record if used
+        if process_count == 1:
+            return ProcessPart(load_examples(builder, split), 0, None, first)
+        parts = tfds.even_splits(split, n=process_count, drop_remainder=False)
+        sizes = [builder.info.splits[part].num_examples for part in parts]  # no read
+        # tfds refuses an empty sub-split (fewer examples than processes): read nothing
+        mine = parts[process_index]
+        block = load_examples(builder, mine) if sizes[process_index] else first.take(0)
+        return ProcessPart(block, sum(sizes[:process_index]), max(sizes), first)
+    first = examples.take(1)
+    if process_count == 1:  # the examples as given: the same reads as a one-process run
+        return ProcessPart(examples, 0, None, first)
+    sizes = part_sizes(_count(examples), process_count)
+    offset = sum(sizes[:process_index])
+    block = examples.skip(offset).take(sizes[process_index])
+    return ProcessPart(block, offset, max(sizes), first)
 
 
 def _decode(x: tf.Tensor, channels: int, size: int | None) -> tf.Tensor:
@@ -268,6 +340,13 @@ def _stream(base: tf.data.Dataset, count: int, key: int, start: int, block: int)
     return tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch).skip(offset)
 
 
+def _subset(examples: tf.data.Dataset, keep: np.ndarray) -> tf.data.Dataset:
+    """The examples at the positions `keep` (from their metadata pass) marks, in order:
+    a filter that decodes nothing (the blendability test would decode every face_mask)."""
+    keep = tf.constant(np.asarray(keep, bool))
+    return examples.enumerate().filter(lambda i, _: tf.gather(keep, i)).map(lambda _, ex: ex)
+
+
 def _pick_partners(targets: dict, candidates: dict) -> dict:
     """For target i: the first candidate (i, i+1, ... cyclically) of a different identity."""
     n = tf.shape(targets["target_id"])[0]
@@ -309,7 +388,7 @@ def _training(
         total = sum(kept.values())
         if total <= 0:
             raise ValueError(
-                f"no usable training examples for mix {mix}: this shard has "
+                f"no usable training examples for mix {mix}: this process part has "
                 f"{available['pristine']} pristine, {available['forgery']} forgeries, "
                 f"{available['blended']} blendable faces ({len(np.unique(ids))} identities)"
             )
@@ -322,15 +401,11 @@ def _training(
     def decode_standard(ex):
         return _standard(_decoded(ex, size))
 
-    def by_label(value):
-        return examples.filter(lambda ex: tf.equal(tf.cast(ex["label"], tf.int32), value))
-
     for i, kind in enumerate(("pristine", "forgery")):
         n = counts[kind]
         if n:
-            s = _stream(
-                by_label(i), available[kind], _key(seed, kind), start_batch * n, shuffle_buffer
-            )
+            base = _subset(examples, labels == i)
+            s = _stream(base, available[kind], _key(seed, kind), start_batch * n, shuffle_buffer)
             streams[MIX_KINDS.index(kind)] = s.map(
                 decode_standard, num_parallel_calls=tf.data.AUTOTUNE
             )
@@ -338,11 +413,7 @@ def _training(
     n_bi = counts["blended"]
     if n_bi:
         n_cand = max(n_bi, PARTNER_CANDIDATES)
-        base = examples.filter(
-            lambda ex: blending.is_blendable(
-                {"face_mask": _decode(ex["face_mask"], 1, size), "label": ex["label"]}
-            )
-        )
+        base = _subset(examples, blendable)
         count = available["blended"]
         targets = _stream(base, count, _key(seed, "bi_target"), start_batch * n_bi, shuffle_buffer)
         partners = _stream(
@@ -383,15 +454,17 @@ def _training(
     return batches.enumerate(start_batch).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _evaluation(examples, *, batch_size, seed, perturb, process_index, process_count, start_batch):
-    # One full pass for the count and image size (a partial read of a split tfds cached
-    # in memory would log a truncation warning).
-    meta = _meta(examples)
-    total, size = len(meta["label"]), meta["image_size"]
-    if total == 0:
+def _evaluation(part: ProcessPart, *, batch_size, seed, perturb, start_batch):
+    # One full pass over the part for its count and image size (a partial read of a split
+    # tfds cached in memory would log a truncation warning).
+    meta = _meta(part.examples)
+    local, size = len(meta["label"]), meta["image_size"]
+    largest = local if part.largest is None else part.largest
+    if largest == 0:
         raise ValueError("evaluation examples are empty")
-    local = len(range(process_index, total, process_count))
-    num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+    if local == 0:  # fewer examples than processes: pad at the others' image size
+        size = _meta(part.first)["image_size"]
+    num_batches = math.ceil(largest / batch_size)  # the same in every process
     skip = start_batch * batch_size
     pad = num_batches * batch_size - local - max(0, skip - local)
     name, level = None, None
@@ -414,8 +487,7 @@ def _evaluation(examples, *, batch_size, seed, perturb, process_index, process_c
         return {k: out[k] for k in EVAL_KEYS}
 
     real = (
-        examples.enumerate()
-        .shard(process_count, process_index)
+        part.examples.enumerate(part.offset)  # index: the position in the whole split
         .skip(skip)
         .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     )
@@ -436,7 +508,7 @@ def _evaluation(examples, *, batch_size, seed, perturb, process_index, process_c
 
 
 def make_dataset(
-    examples: tf.data.Dataset,
+    examples: tf.data.Dataset | Split,
     *,
     batch_size: int,
     seed: int,
@@ -451,7 +523,8 @@ def make_dataset(
     blended_morph_fraction: float = BLENDED_MORPH_FRACTION,
     morph_alpha: tuple[float, float] = swap.MORPH_ALPHA,
 ) -> tf.data.Dataset:
-    """Per-process batches of `examples` (see the module docstring for every rule).
+    """Per-process batches of `examples` (see the module docstring for every rule); a
+    `Split` is read one process part at a time.
 
     batch_size: this process's batch (global // process_count). mix: fractions of each
     training batch by kind (MIX_KINDS; default half pristine, half dataset forgeries).
@@ -459,7 +532,7 @@ def make_dataset(
     blended_morph_fraction, morph_alpha: training only, the share of BI forgeries that are
     texture morphs and their alpha range (`blending.blend_pair`).
     """
-    _check_examples(examples)
+    _check_examples(load_examples(*examples) if isinstance(examples, Split) else examples)
     if batch_size < 1 or start_batch < 0 or shuffle_buffer < 1:
         raise ValueError(
             f"batch_size {batch_size} must be >= 1, start_batch {start_batch} >= 0, "
@@ -470,12 +543,12 @@ def make_dataset(
     if training:
         if perturb:
             raise ValueError("perturb is for evaluation (training=False) only")
-        shard = examples.shard(process_count, process_index)
-        meta = _meta(shard)
+        part = process_part(examples, process_index, process_count)
+        meta = _meta(part.examples)
         if len(meta["label"]) == 0:
-            raise ValueError(f"no training examples in process shard {process_index}")
+            raise ValueError(f"no training examples in process part {process_index}")
         ds = _training(
-            shard,
+            part.examples,
             meta,
             batch_size=batch_size,
             seed=seed,
@@ -488,12 +561,10 @@ def make_dataset(
         )
     else:
         ds = _evaluation(
-            examples,
+            process_part(examples, process_index, process_count),
             batch_size=batch_size,
             seed=seed,
             perturb=perturb,
-            process_index=process_index,
-            process_count=process_count,
             start_batch=start_batch,
         )
     options = tf.data.Options()
@@ -502,7 +573,7 @@ def make_dataset(
 
 
 def training_dataset(
-    examples: tf.data.Dataset,
+    examples: tf.data.Dataset | Split,
     data_config,
     *,
     batch_size: int,
@@ -540,7 +611,7 @@ class InputPipeline:
     checkpoint; batches after a restore are those an uninterrupted run would have given.
     Up to `prefetch` batches are transferred to the devices ahead of use. Typical use:
 
-        fn = lambda start: make_dataset(load_examples(builder, "train"), training=True,
+        fn = lambda start: make_dataset(Split(builder, "train"), training=True,
             batch_size=global_batch // jax.process_count(), seed=..., mix=...,
             process_index=jax.process_index(), process_count=jax.process_count(),
             start_batch=start)

@@ -28,7 +28,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dfrec_jax import bench, forward, sweep
+from dfrec_jax import bench, forward, paths, sweep
 
 COMMANDS = (
     "train", "eval", "recover", "trace", "export", "forward", "bench", "build_data", "samples",
@@ -141,6 +141,8 @@ class UserError(ValueError):
 def _writable_folder(path: str, flag: str) -> None:
     """`path` is a folder this process can write into, or one it could create (nothing is
     created here: a command that fails its other checks leaves no folder behind)."""
+    if paths.is_remote(path):  # an object store: whether it may be written shows on writing
+        return
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} exists and is not a folder")
     existing = os.path.abspath(path)
@@ -169,8 +171,8 @@ def _check_paths(command: str) -> None:
     """Run folders to read, then output locations, checked before anything is built (a bad
     one must not cost a compile); no output folder is created for a command that fails here."""
     for flag, value in (("--workdir", _WORKDIR.value), ("--checkpoint", _CHECKPOINT.value)):
-        if command in ("recover", "export", "eval") and value and not os.path.isdir(value):
-            what = "not a folder" if os.path.exists(value) else "not found"
+        if command in ("recover", "export", "eval") and value and not paths.isdir(value):
+            what = "not a folder" if paths.exists(value) else "not found"
             raise UserError(f"{flag} {value}: {what}")
     output = _OUTPUT.value
     if command == "trace":

@@ -123,12 +123,23 @@ def load_rgb(path: str, size: int) -> np.ndarray:
     return np.asarray(rgb, np.float32) / 255.0
 
 
-def save_rgb(path: str, image: np.ndarray) -> None:
-    """Writes a float [H,W,C] image in [0,1] (C = 1 or 3) as PNG."""
+def _uint8_image(image: np.ndarray) -> Image.Image:
     array = np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
     if array.shape[-1] == 1:
         array = array[..., 0]
-    Image.fromarray(array).save(path)
+    return Image.fromarray(array)
+
+
+def save_rgb(path: str, image: np.ndarray) -> None:
+    """Writes a float [H,W,C] image in [0,1] (C = 1 or 3) as PNG."""
+    _uint8_image(image).save(path)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A float [H,W,C] image in [0,1] (C = 1 or 3) as PNG file bytes (for remote folders)."""
+    buffer = io.BytesIO()
+    _uint8_image(image).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def list_images(root: str) -> list[str]:

@@ -7,7 +7,9 @@ attribute ports, or tiny random nets in tests) can be plugged in:
     perceptual_fn(images) -> tuple of 5 maps [B, ...]
     attribute_fn(images)  -> [B, A]
 
-Images are float32 NHWC in [0, 1]; each network does its own preprocessing. Notation: r is a
+Images are float32 NHWC in [0, 1]; each network does its own preprocessing. Networks may
+compute in bfloat16 (config loss.dtype, loss_nets.py); their outputs are cast to float32
+before every reduction below, so the losses and their metrics are float32. Notation: r is a
 recovered image, t the true image, B the batch, and every per-sample term is averaged over the
 batch last (the `*_per_sample` functions return it before that mean, so callers can mask it).
 

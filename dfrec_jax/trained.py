@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from dfrec_jax import inference
+from dfrec_jax import inference, paths
 from dfrec_jax.models import DFREC
 
 OUTPUT_KEYS = ("seg", "forgery_logit", "source", "target", "mask")
@@ -64,8 +64,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
     """A run's config.json as a ConfigDict (lists where the config file had tuples), older
     runs' model configs completed with `LEGACY_MODEL_DEFAULTS`."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(paths.read_text(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"no config.json at {path} (is this a `train` workdir?)") from None
     except json.JSONDecodeError as e:
@@ -83,16 +82,16 @@ def _locate(workdir: str | None, checkpoint: str | None) -> tuple[str, str]:
         raise ValueError("give exactly one of --workdir (a train run) or --checkpoint (its "
                          "checkpoints folder)")  # fmt: skip
     if workdir:
-        workdir = os.path.abspath(workdir)
-        if not os.path.isdir(workdir):
+        workdir = paths.resolve(workdir)
+        if not paths.isdir(workdir):
             raise FileNotFoundError(f"workdir not found: {workdir}")
-        return os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
-    checkpoint = os.path.abspath(checkpoint)
-    if not os.path.isdir(checkpoint):
+        return paths.join(workdir, "checkpoints"), paths.join(workdir, "config.json")
+    checkpoint = paths.resolve(checkpoint).rstrip("/")
+    if not paths.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
     for candidate in (checkpoint, os.path.dirname(checkpoint)):
-        if os.path.exists(os.path.join(candidate, "config.json")):
-            return checkpoint, os.path.join(candidate, "config.json")
+        if paths.exists(paths.join(candidate, "config.json")):
+            return checkpoint, paths.join(candidate, "config.json")
     raise FileNotFoundError(f"no config.json in {checkpoint} or its parent folder")
 
 
@@ -166,10 +165,9 @@ def load(
         # `step`, the newest intact checkpoint (a damaged newer one is named on stderr).
         variables = ckpt.restore_variables(target, step)
         step = ckpt.restored_step
-    hash_path = os.path.join(os.path.dirname(config_path), "config_hash.txt")
-    if os.path.exists(hash_path):
-        with open(hash_path) as f:
-            digest = f.read().strip()
+    hash_path = paths.join(os.path.dirname(config_path), "config_hash.txt")
+    if paths.exists(hash_path):
+        digest = paths.read_text(hash_path).strip()
     else:
         from dfrec_jax.train import workdir as workdir_lib
 

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfrec_jax import losses
+from dfrec_jax import losses, paths
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import baselines, identity, metrics, pose, report
 from dfrec_jax.train.progress import Progress
@@ -530,15 +530,13 @@ def run(
     out["created_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     out = _json_ready(out)
 
-    output_dir = os.path.join(workdir or os.path.dirname(model.checkpoint_dir), "eval", folder)
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "metrics.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2, sort_keys=True)
-        f.write("\n")
+    run_dir = workdir or os.path.dirname(model.checkpoint_dir)
+    output_dir = paths.join(run_dir, "eval", folder)  # may be remote (gs://...)
+    paths.makedirs(output_dir)
+    path = paths.join(output_dir, "metrics.json")
+    paths.write_atomic(path, json.dumps(out, indent=2, sort_keys=True) + "\n")
     table = report.document(out)
-    with open(os.path.join(output_dir, "table.md"), "w") as f:
-        f.write(table)
+    paths.write_atomic(paths.join(output_dir, "table.md"), table)
     print(table)
     print(path)
     return out

@@ -173,6 +173,11 @@ class FaceLandmark68Net(nn.Module):
         return out.reshape(out.shape[0], 68, 2)
 
 
+def _softmax(logits):
+    # In float32 whatever the compute dtype: its exp and sum are where bfloat16 loses most.
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
 class FaceExpressionNet(nn.Module):
     """Normalised 112x112 input -> [B, 7] expression probabilities (order: EXPRESSIONS)."""
 
@@ -181,7 +186,7 @@ class FaceExpressionNet(nn.Module):
     @nn.compact
     def __call__(self, x):
         features = _dense_backbone(x, self.dtype)
-        return jax.nn.softmax(nn.Dense(7, dtype=self.dtype, name="fc")(features), axis=-1)
+        return _softmax(nn.Dense(7, dtype=self.dtype, name="fc")(features))
 
 
 class ReductionBlock(nn.Module):
@@ -247,8 +252,8 @@ class AgeGenderHead(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        age = nn.Dense(1, dtype=self.dtype, name="age")(x)[:, 0]
-        gender = jax.nn.softmax(nn.Dense(2, dtype=self.dtype, name="gender")(x), axis=-1)
+        age = nn.Dense(1, dtype=self.dtype, name="age")(x)[:, 0].astype(jnp.float32)
+        gender = _softmax(nn.Dense(2, dtype=self.dtype, name="gender")(x))
         return age, gender[:, 0]  # face-api's class 0 is male
 
 
@@ -423,6 +428,11 @@ class AttributeNet:
         Raises MissingWeightsError (one line, with the setup command) if a file is absent.
         """
         return cls(load_face_api_variables(directory, heads), heads, dtype)
+
+    def astype(self, dtype) -> "AttributeNet":
+        """These nets computing in `dtype` (e.g. bfloat16), their weights stored in `dtype`;
+        preprocessing, the softmaxes and the returned vector stay float32."""
+        return AttributeNet(checkpoint.cast_floating(self.variables, dtype), self.heads, dtype)
 
     def apply(self, images):
         variables = jax.lax.stop_gradient(self.variables)  # frozen: gradients reach the images only

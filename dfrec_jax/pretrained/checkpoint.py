@@ -9,6 +9,8 @@ rules, refuses shape mismatches and reports missing and unexpected keys.
 import dataclasses
 from typing import Callable, Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -56,6 +58,17 @@ def dense_kernel(w: np.ndarray) -> np.ndarray:
 
 def identity(w: np.ndarray) -> np.ndarray:
     return w
+
+
+def cast_floating(tree, dtype):
+    """`tree` with its floating arrays as `dtype` jax arrays (other leaves as they were): frozen
+    weights cast once when a network is built, not converted again in every step."""
+
+    def cast(x):
+        is_float = isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
+        return jnp.asarray(x, dtype) if is_float else x
+
+    return jax.tree.map(cast, tree)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,9 +68,10 @@ class VGGFeatures(nn.Module):
         if self.depth not in _STAGES:
             raise ValueError(f"VGG depth must be 16 or 19, got {self.depth}")
         taps = _TAPS[self.depth]
-        x = jnp.asarray(x, self.dtype)
-        if self.normalize:
-            x = (x - jnp.asarray(IMAGENET_MEAN, self.dtype)) / jnp.asarray(IMAGENET_STD, self.dtype)
+        x = jnp.asarray(x, jnp.float32)
+        if self.normalize:  # in float32: the input is rounded to `dtype` once, after
+            x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+        x = x.astype(self.dtype)
         outs, conv = [], 0
         for v in _STAGES[self.depth]:
             if v == "M":
@@ -201,6 +202,12 @@ class Perceptual(struct.PyTreeNode):
         """VGG19 (relu1_1 .. relu5_1, the paper's layers) from a user's torchvision checkpoint."""
         variables, _ = convert_torchvision_vgg19(path, key)
         return cls(params=jax.tree.map(jnp.asarray, variables["params"]), module=VGGFeatures(19))
+
+    def astype(self, dtype) -> "Perceptual":
+        """This net computing in `dtype` (e.g. bfloat16), its params stored in `dtype`; the
+        feature maps come out in `dtype` (the losses reduce them in float32)."""
+        params = checkpoint.cast_floating(self.params, dtype)
+        return self.replace(params=params, module=self.module.clone(dtype=dtype))
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, ...]:
         params = jax.lax.stop_gradient(self.params)

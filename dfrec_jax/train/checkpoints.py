@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import threading
 from collections.abc import Mapping
@@ -37,6 +36,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from dfrec_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,8 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-        self.directory = os.path.abspath(os.fspath(directory))
-        if read_only and not os.path.isdir(self.directory):
+        self.directory = paths.resolve(directory)  # a gs://... URL stays one
+        if read_only and not paths.isdir(self.directory):
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
         self.save_every = save_every
         self.keep = keep
@@ -305,7 +306,7 @@ class Checkpointer:
             self._check_shapes(step, target, partial=True)
             # The manager's StandardCheckpointHandler has no partial restore; the "state" item
             # is an ordinary PyTree checkpoint on disk, which PyTreeCheckpointer reads in part.
-            path = os.path.join(self.directory, str(step), "state")
+            path = paths.join(self.directory, str(step), "state")
             out = ocp.PyTreeCheckpointer().restore(
                 path,
                 args=ocp.args.PyTreeRestore(
@@ -333,7 +334,8 @@ class Checkpointer:
                 failures.append(f"step {candidate}: {_reason(e)}")
                 if step is None and candidate != candidates[-1]:
                     print(f"warning: checkpoint step {candidate} in {self.directory} is "
-                          f"damaged ({_reason(e)}); trying an older one", file=sys.stderr)  # fmt: skip
+                          f"damaged ({_reason(e)}); trying an older one",
+                          file=sys.stderr)  # fmt: skip
                 continue
             self.restored_step = candidate
             if failures:
@@ -354,13 +356,18 @@ class Checkpointer:
         for newer in self.all_steps():
             if newer <= step:
                 continue
-            source = os.path.join(self.directory, str(newer))
+            source = paths.join(self.directory, str(newer))
             target, n = f"{source}.damaged", 1
-            while os.path.exists(target):
+            while paths.exists(target):
                 n += 1
                 target = f"{source}.damaged{n}"
-            os.rename(source, target)
-            moved.append(os.path.basename(target))
+            if jax.process_index() == 0:  # one folder, shared by all hosts: one renames it
+                paths.rename(source, target)
+            moved.append(target.rsplit("/", 1)[-1])
+        if moved and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dfrec_jax set_aside_newer")
         if moved:
             self._manager.reload()
             print(f"warning: set aside the damaged checkpoint(s) of {self.directory} as "

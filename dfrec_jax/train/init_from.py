@@ -27,7 +27,6 @@ The optimizer state is left as created: AdamW's moments are zeros whatever the p
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Any
 
@@ -35,6 +34,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from dfrec_jax import paths
 from dfrec_jax.exported import file_sha256  # one file hasher for the project
 from dfrec_jax.pretrained import convert_backbones, convert_released
 from dfrec_jax.pretrained.checkpoint import ConversionError
@@ -115,9 +115,11 @@ def validate(init_config) -> None:
             raise InitError(f"init.{name}_naming={naming!r} is not one of {', '.join(known)}")
     for name, path in sources.items():
         if name == "workdir":
-            if not os.path.isdir(path):
+            if not paths.isdir(path):
                 raise InitError(f"init.workdir: no run folder at {path}")
-        elif not os.path.isfile(path):
+        elif paths.is_remote(path):  # converters read local files (torch-free readers)
+            raise InitError(f"init.{name}: {path} is remote; copy the file to a local disk")
+        elif not paths.isfile(path):
             raise InitError(f"init.{name}: no file at {path}")
 
 
@@ -186,11 +188,11 @@ def _restore_run(run_dir: str, mesh, min_size: int) -> tuple[dict, int]:
     from dfrec_jax.train import checkpoints
     from dfrec_jax.train import sharding as sharding_lib
 
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = paths.join(run_dir, "checkpoints")
+    config_path = paths.join(run_dir, "config.json")
+    if not paths.isdir(ckpt_dir):
         raise InitError(f"init.workdir: no checkpoints folder in {run_dir} (train it first)")
-    if not os.path.isfile(config_path):
+    if not paths.isfile(config_path):
         raise InitError(f"init.workdir: no config.json in {run_dir} (not a `train` run folder)")
     source = trained.read_config(config_path)  # the model the run was saved with
     abstract = inference.abstract_variables(inference.build_model(source))
@@ -278,7 +280,7 @@ def apply(config, state, mesh) -> tuple[Any, list[Applied]]:
     current = _flat({"params": state.params, "batch_stats": state.batch_stats})
     applied = []
     for name, path in sources:
-        path = os.path.abspath(path)
+        path = paths.resolve(path)
         updates, unused, digest, details = _source_updates(name, path, config, mesh)
         _check(name, path, updates, current)
         root = dict(SOURCES)[name]
@@ -314,7 +316,7 @@ def record(workdir: str, applied: list[Applied], step: int = 0) -> None:
     from dfrec_jax.train import workdir as workdir_lib
 
     workdir_lib.save_json(
-        os.path.join(workdir, "init.json"),
+        paths.join(workdir, "init.json"),
         {"step": step, "sources": [a.to_json() for a in applied]},
     )
     for item in applied:

@@ -6,9 +6,12 @@ inside a signal handler could interrupt a half-finished step. The loop polls `sh
 once per step. A second Ctrl-C raises KeyboardInterrupt as usual, to force-quit a stuck job.
 
 Multi-host: one host stopping alone would hang the others in the next collective, so the hosts
-must agree on the step to stop at. JAX's preemption service does that (it catches SIGTERM itself
-and picks a common step, `multihost_utils.reached_preemption_sync_point`); when it is running
-the guard leaves SIGTERM to it and `should_stop` asks it as well.
+must agree on the step to stop at. JAX's preemption service does that for SIGTERM (it catches it
+itself and picks a common step, `multihost_utils.reached_preemption_sync_point`); when it runs,
+the guard leaves SIGTERM to it and `should_stop` asks it as well. A signal the service does not
+see (Ctrl-C on one host, SIGTERM with the service disabled) only sets this host's flag: every
+`AGREE_EVERY` steps all hosts exchange their flags (one tiny all-gather, which waits for the
+step in flight) and all stop at that step if any host asked to.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import threading
 import warnings
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
+
+AGREE_EVERY = 10  # steps between multi-host stop votes: a grace period is many steps long
 
 
 def _preemption_service_running() -> bool:
@@ -37,8 +43,13 @@ def _preemption_service_running() -> bool:
 class PreemptionGuard:
     """Context manager that turns SIGTERM/SIGINT into a flag polled by the training loop."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(
+        self,
+        signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+        agree_every: int = AGREE_EVERY,
+    ):
         self._signals = tuple(signals)
+        self.agree_every = max(1, agree_every)
         self._previous: dict[int, object] = {}
         self._requested = False
         self.signal_name: str | None = None
@@ -89,18 +100,24 @@ class PreemptionGuard:
     def should_stop(self, step: int) -> bool:
         """True when the loop should save and stop after `step`.
 
-        Single process: the signal flag. Multi-process: also JAX's preemption sync point, which
-        is true on all hosts at the same step (call it at every step, on every host).
+        Single process: the signal flag. Multi-process (call it at every step, on every host):
+        JAX's preemption sync point, or the hosts' vote every `agree_every` steps; both are
+        true on all hosts at the same step, so no host leaves the others in a collective.
         """
-        if self._requested:
-            return True
-        if self._multihost:
-            try:
-                from jax.experimental import multihost_utils
+        if not self._multihost:
+            return self._requested
+        from jax.experimental import multihost_utils
 
-                if multihost_utils.reached_preemption_sync_point(int(step)):
-                    self.signal_name = self.signal_name or "preemption sync point"
-                    return True
-            except RuntimeError:  # preemption service disabled
-                return False
-        return False
+        try:
+            if multihost_utils.reached_preemption_sync_point(int(step)):
+                self.signal_name = self.signal_name or "preemption sync point"
+                return True
+        except RuntimeError:  # preemption service disabled: the vote below decides
+            pass
+        if step % self.agree_every:
+            return False
+        votes = multihost_utils.process_allgather(np.int32(self._requested))
+        if not np.any(votes):
+            return False
+        self.signal_name = self.signal_name or "another host's stop request"
+        return True

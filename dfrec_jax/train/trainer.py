@@ -19,7 +19,6 @@ then), so the host never stalls the device.
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -27,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfrec_jax import images, inference, losses
+from dfrec_jax import images, inference, losses, paths
 from dfrec_jax import loss_nets as loss_nets_lib
 from dfrec_jax.batch import normalize_batch
 from dfrec_jax.train import (
     checkpoints,
     init_from,
     metric_writer,
+    multihost,
     preemption,
     sharding,
 )
@@ -71,11 +71,18 @@ def _data_pipelines(config, mesh):
     from data_pipelines import datasets, input_pipeline
 
     data = config.data
-    builder = datasets.prepare(data)
     processes, index = jax.process_count(), jax.process_index()
+    if processes > 1:  # one host builds a missing dataset; the others wait, then open it
+        if index == 0:
+            datasets.prepare(data)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dfrec_jax dataset prepared")
+    builder = datasets.prepare(data)
     local_batch = data.batch_size // processes
     batch_sharding = sharding.batch_sharding(mesh)
-    train_examples = input_pipeline.load_examples(builder, "train")
+    # Splits, not their examples: each process reads only its own part of them.
+    train_examples = input_pipeline.Split(builder, "train")
 
     def train_fn(start_batch):
         return input_pipeline.training_dataset(
@@ -92,7 +99,7 @@ def _data_pipelines(config, mesh):
     if "validation" in builder.info.splits:
         full_batches = builder.info.splits["validation"].num_examples // data.batch_size
         count = min(config.train.eval_batches, full_batches)
-        examples = input_pipeline.load_examples(builder, "validation")
+        examples = input_pipeline.Split(builder, "validation")
         evaluation = input_pipeline.InputPipeline(
             lambda start: input_pipeline.make_dataset(
                 examples,
@@ -165,7 +172,7 @@ def _image_grid(predict, state, batch, seed, rows=4) -> np.ndarray:
 
 def _has_checkpoint(ckpt_dir: str) -> bool:
     """Cheap early look (orbax step folders are named by the step); the Checkpointer decides."""
-    return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+    return any(name.isdigit() for name in paths.listdir(ckpt_dir))
 
 
 def _initial_state(config, workdir, model, tx, mesh, abstract, shardings, ckpt):
@@ -205,15 +212,15 @@ def train(
     `train.max_nonfinite` non-finite steps in a row (the updates were skipped, the newest
     checkpoint is intact).
     """
-    if config.mesh.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()  # multi-host: coordinator etc. from the environment
-    workdir = os.path.abspath(workdir)
+    multihost.initialize(config.mesh.distributed)  # before any other JAX use
+    workdir = paths.resolve(workdir)  # gs://... stays a URL: every host writes one folder
     cfg_train = config.train
     total_steps = cfg_train.steps
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = paths.join(workdir, "checkpoints")
     if not _has_checkpoint(ckpt_dir):  # a fresh run: a bad init source fails before the data
         init_from.validate(config.get("init"))
-    os.makedirs(os.path.join(workdir, "panels"), exist_ok=True)
+    if jax.process_index() == 0:
+        paths.makedirs(paths.join(workdir, "panels"))
     mesh = sharding.make_mesh(config.mesh)
     pipeline, validation = _data_pipelines(config, mesh)
 
@@ -278,7 +285,8 @@ def train(
                 grid = _image_grid(predict, state, batch, config.seed)
                 writer.images(step, {"panels": grid})
                 if jax.process_index() == 0:  # also as PNG, for readers without TensorBoard
-                    images.save_rgb(os.path.join(workdir, "panels", f"step_{step:07d}.png"), grid)
+                    panel = paths.join(workdir, "panels", f"step_{step:07d}.png")
+                    paths.write_atomic(panel, images.png_bytes(grid))
             val_metrics = None
             if validation and cfg_train.eval_every and step % cfg_train.eval_every == 0:
                 val_metrics = _validate(eval_step, state, validation, config.seed)

@@ -11,8 +11,7 @@
 
 Only process 0 writes; every process gets the hash back. Files are written to a temporary name
 and renamed, so a run killed mid-write never leaves a half-written config. File access goes
-through `tf.io.gfile` (remote workdirs such as gs:// work), imported only when writing, so
-`config_hash` and `library_versions` (also used by recover/export) do not load TensorFlow.
+through `dfrec_jax.paths` (remote workdirs such as gs:// work; local ones need no TensorFlow).
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ import platform
 from typing import Any
 
 import jax
+
+from dfrec_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -101,44 +102,22 @@ def config_hash(config) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: str, text: str) -> None:
-    from dfrec_jax.host_tf import tf
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def _pretty(data) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def save_json(path: str, data) -> None:
-    """Writes `data` as indented JSON to `path` atomically (temporary name, then rename);
-    remote paths (gs://...) through tf.io.gfile, local ones without importing TensorFlow."""
-    if "://" in path:
-        from dfrec_jax.host_tf import tf
-
-        tf.io.gfile.makedirs(os.path.dirname(path))
-        _write_atomic(path, _pretty(data))
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(_pretty(data))
-    os.replace(tmp, path)
+    """Writes `data` as indented JSON to `path` (local or remote) atomically."""
+    paths.makedirs(os.path.dirname(path))
+    paths.write_atomic(path, _pretty(data))
 
 
 def _saved_hash(workdir: str) -> str | None:
     """Hash of the run's config.json, None if there is none."""
-    from dfrec_jax.host_tf import tf
-
-    path = os.path.join(workdir, "config.json")
-    if not tf.io.gfile.exists(path):
+    path = paths.join(workdir, "config.json")
+    if not paths.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        return config_hash(json.load(f))
+    return config_hash(json.loads(paths.read_text(path)))
 
 
 def save_run_metadata(workdir: str, config, *, resumed: bool = False) -> str:
@@ -154,15 +133,13 @@ def save_run_metadata(workdir: str, config, *, resumed: bool = False) -> str:
     digest = config_hash(config)
     if jax.process_index() != 0:
         return digest
-    from dfrec_jax.host_tf import tf
-
-    tf.io.gfile.makedirs(workdir)
+    paths.makedirs(workdir)
     previous = _saved_hash(workdir)
     if previous != digest:
         if resumed and previous is not None:
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-            kept = os.path.join(workdir, f"config.{stamp}.json")
-            tf.io.gfile.rename(os.path.join(workdir, "config.json"), kept)
+            kept = paths.join(workdir, f"config.{stamp}.json")
+            paths.rename(paths.join(workdir, "config.json"), kept)
             log.warning(
                 "resuming %s with a different config (hash %s, was %s); config.json is the new "
                 "one, the previous one is kept as %s",
@@ -171,7 +148,7 @@ def save_run_metadata(workdir: str, config, *, resumed: bool = False) -> str:
                 previous,
                 os.path.basename(kept),
             )
-        _write_atomic(os.path.join(workdir, "config.json"), _pretty(config_to_dict(config)))
-        _write_atomic(os.path.join(workdir, "config_hash.txt"), digest + "\n")
-    _write_atomic(os.path.join(workdir, "versions.json"), _pretty(library_versions()))
+        paths.write_atomic(paths.join(workdir, "config.json"), _pretty(config_to_dict(config)))
+        paths.write_atomic(paths.join(workdir, "config_hash.txt"), digest + "\n")
+    paths.write_atomic(paths.join(workdir, "versions.json"), _pretty(library_versions()))
     return digest
