@@ -313,7 +313,9 @@ def main(argv):
             return 1 if failed else 0
         else:
             batch_sizes = [int(b) for b in _BATCH.value]
-            if _WHAT.value in ("train_step", "step_profile") and not flags.FLAGS["batch"].present:
+            if _WHAT.value in ("train_step", "step_profile", "memory") and not flags.FLAGS[
+                "batch"
+            ].present:
                 batch_sizes = []  # the config's global batch
             if _WHAT.value == "recover" and not flags.FLAGS["batch"].present:
                 batch_sizes = [1, 8, 32]

@@ -1,7 +1,8 @@
 """`bench`: timings printed as one JSON object per measurement.
 
-    python -m dfrec_jax bench --what forward|input_pipeline|train_step|step_profile|recover|learning
-        --config C [--batch ..] [--workdir W] [--steps N --eval_every M]
+    python -m dfrec_jax bench --config C
+        --what forward|input_pipeline|train_step|step_profile|recover|learning|memory
+        [--batch ..] [--workdir W] [--steps N --eval_every M]
 
 `train_step` times the real sharded train step (model + frozen loss nets + AdamW) on
 synthetic in-memory uint8 batches, so it needs no dataset and no TensorFlow: the same command
@@ -18,6 +19,11 @@ network with its gradient, the optimizer update) next to the whole step
 (identity morphs + pristine faces) for `--steps` steps at batch `--batch` (default 8) and
 prints target IDSim vs the "None" row, pristine IDSim and mask IoU every `--eval_every`
 steps; the last line is the final report.
+
+`memory` compiles the train step for every fsdp size of the devices (nothing runs) and
+reports one device's parameter, optimizer, argument and temporary bytes
+(dfrec_jax/step_memory.py); emulate 8 devices on a CPU with
+XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
 `recover` times what a recovery does per batch on one device (host uint8 faces in, DFREC and
 the identity nets, every output back on the host) at batch 1/8/32 unless `--batch`;
@@ -464,6 +470,24 @@ def bench_step_profile(config, batch_sizes=(), repeats: int = 5) -> list[dict]:
     return results
 
 
+def bench_memory(config, batch_sizes=(), repeats: int = 0, *, loss_nets=None):
+    """Per-device memory of the compiled train step (dfrec_jax/step_memory.py) for every fsdp
+    size in 1, 2, 4, ... that divides the devices; batches: `--batch` or 1 and 2 per device.
+    After each mesh: the largest global batch that fits 24, 40 and 80 GiB per device."""
+    from dfrec_jax import step_memory
+
+    del repeats  # nothing is timed
+    devices = jax.device_count()
+    batch_sizes = list(batch_sizes) or [devices, 2 * devices]
+    fsdp_sizes = [f for f in (1, 2, 4, 8, 16, 32, 64) if f <= devices and devices % f == 0]
+    for fsdp in fsdp_sizes:  # a generator: each mesh's lines print as soon as it compiled
+        records = step_memory.measure(config, batch_sizes, [fsdp], loss_nets=loss_nets)
+        yield from records
+        if len(records) >= 2:
+            fits = {f"{gib}GiB": step_memory.fitting_batch(records, gib) for gib in (24, 40, 80)}
+            yield {"what": "memory_fit", "mesh": records[0]["mesh"], "batch": fits}
+
+
 def _print_flush(line: str) -> None:
     print(line, flush=True)
 
@@ -475,6 +499,7 @@ BENCHES = {
     "recover": bench_recover,
     "learning": bench_learning,
     "step_profile": bench_step_profile,
+    "memory": bench_memory,
 }
 
 

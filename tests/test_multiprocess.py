@@ -1,0 +1,125 @@
+"""Multi-host training on real processes: two processes on 127.0.0.1, 4 CPU devices each,
+JAX's CPU collectives, started by `mesh.distributed="auto"` from the DFREC_* variables.
+
+They train the tiny model on a tiny real-face lfw_swap, each reading its own part of the
+split; both are SIGKILLed after the step-2 checkpoint and resumed. The reference is one
+process with 8 devices whose global batch is built from the same two process parts
+(tests/tiny_training.py --emulate_processes 2). Checked: every step's global batch is the
+reference's (process 0's rows, then process 1's), no input image is in both processes,
+and the final parameters are close to the reference's (not bitwise: see the assertion).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dfrec_jax import configlib
+from tests.test_trainer import _params, data, env  # noqa: F401,F811  (fixtures)
+
+STEPS = 6
+
+
+def _command(data, workdir, record, *extra):  # noqa: F811
+    return [
+        sys.executable, "-m", "tests.tiny_training", "--workdir", str(workdir),
+        "--lfw_dir", data["lfw_dir"], "--data_dir", data["data_dir"], "--steps", str(STEPS),
+        "--checkpoint_every", "2", "--record", str(record), *extra,
+    ]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(data, env, workdir, record):  # noqa: F811
+    port = _free_port()
+    base = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_"))}
+    base.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DFREC_NUM_PROCESSES="2")
+    return [
+        subprocess.Popen(
+            _command(data, workdir, record, "--devices", "4"),
+            cwd=configlib.REPO_ROOT,
+            env={**base, "DFREC_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _finish(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def _records(path):
+    """step -> record; a resumed run's records overwrite the killed run's."""
+    out = {}
+    for line in open(path):
+        item = json.loads(line)
+        out[item["step"]] = item
+    return out
+
+
+@pytest.mark.slow  # three tiny trainings in subprocesses: ~4 min on 2 cores
+def test_two_processes_kill_resume_and_match_one_process(data, env, tmp_path):  # noqa: F811
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        _command(data, reference, tmp_path / "reference.jsonl", "--devices", "8",
+                 "--emulate_processes", "2"),  # fmt: skip
+        cwd=configlib.REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    workdir, record = tmp_path / "run", tmp_path / "run.jsonl"
+    procs = _launch(data, env, workdir, record)
+    deadline = time.time() + 500
+    while not (workdir / "checkpoints" / "2").is_dir():  # committed by both processes
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-6000:] for p in procs]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=60)
+    killed_at = [max(_records(f"{record}.{i}")) for i in range(2)]
+    assert max(killed_at) < STEPS, "the run finished before the kill: nothing was tested"
+    assert _finish(_launch(data, env, workdir, record)) == [
+        {"step": STEPS, "stopped": "finished"}
+    ] * 2
+
+    ref = _records(tmp_path / "reference.jsonl")
+    ours = [_records(f"{record}.{i}") for i in range(2)]
+    assert sorted(ref) == sorted(ours[0]) == sorted(ours[1]) == list(range(1, STEPS + 1))
+    for step in ref:  # the global batch: process 0's rows, then process 1's
+        for key in ("images", "targets"):
+            assert ours[0][step][key] + ours[1][step][key] == ref[step][key], (step, key)
+    # Each example is one process's: no input image in both (a face may be one process's
+    # pristine example and, in lfw_swap, the other's forgery target, so targets may repeat).
+    seen = [{x for r in o.values() for x in r["images"]} for o in ours]
+    assert seen[0] and seen[1] and not seen[0] & seen[1], "an example was read by both"
+
+    mine, theirs = _params(workdir), _params(reference)
+    assert mine.keys() == theirs.keys()
+    # Not bitwise. The batches are equal (above); the cross-process all-reduce (gloo) adds in
+    # another order than the in-process one, and AdamW's first steps move each coordinate by
+    # ~lr whatever the gradient's size, so near-zero gradients (BatchNorm biases) diverge.
+    # Measured (2026-12-06): max |difference| 4.5e-4, ||difference|| / ||params|| 3.8e-5.
+    # Whether reduction order explains all of it is not established (see README).
+    diff = np.sqrt(sum(float(((mine[k] - theirs[k]) ** 2).sum()) for k in mine))
+    norm = np.sqrt(sum(float((theirs[k] ** 2).sum()) for k in mine))
+    assert diff / norm < 2e-4, diff / norm
+    assert max(float(np.abs(mine[k] - theirs[k]).max()) for k in mine) < 1e-3
+    assert os.path.exists(workdir / "config.json")  # process 0's metadata, once
