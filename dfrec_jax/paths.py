@@ -72,10 +72,6 @@ def read_text(path) -> str:
     return _path(path).read_text()
 
 
-def read_bytes(path) -> bytes:
-    return _path(path).read_bytes()
-
-
 def write_atomic(path, data: str | bytes) -> None:
     """Writes `data` under a temporary name in the same folder, then renames it into place, so
     a reader (or a run killed mid-write) never sees a half-written file."""
@@ -95,7 +91,6 @@ __all__ = [
     "join",
     "listdir",
     "makedirs",
-    "read_bytes",
     "read_text",
     "rename",
     "resolve",

@@ -13,7 +13,6 @@ one-process reference's (not bitwise: see the assertion).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from dfrec_jax import configlib
+from tests.test_multihost_start import _free_port
 from tests.test_trainer import _params, data, env  # noqa: F401,F811  (fixtures)
 
 STEPS = 6
@@ -33,12 +33,6 @@ def _command(data, workdir, record, *extra):  # noqa: F811
         "--lfw_dir", data["lfw_dir"], "--data_dir", data["data_dir"], "--steps", str(STEPS),
         "--checkpoint_every", "2", "--record", str(record), *extra,
     ]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(data, env, workdir, record):  # noqa: F811
