@@ -153,7 +153,9 @@ def load(
     ckpt_dir, config_path = _locate(workdir, checkpoint)
     config = read_config(config_path)
     model = inference.build_model(config)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's first device: with several processes (multi-host eval) jax.devices()[0]
+    # belongs to process 0, and each process reads the whole variables for itself.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
         inference.abstract_variables(model),

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,45 +21,13 @@ from dfrec_jax import configlib
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import baselines, identity, pose, report, runner
 from dfrec_jax.pretrained import inception_fid
-from tests import tiny
+from tests import tiny, tiny_eval
 
-BATCH = 8  # the split has 12 examples: two batches, the second half padding
+BATCH = tiny_eval.BATCH  # 8; the split has 12 examples: two batches, the second half padding
 TEST_PEOPLE = 3
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-class _Features(nn.Module):
-    """A few strided convolutions: feature maps for the tiny FID and LPIPS stand-ins."""
-
-    @nn.compact
-    def __call__(self, x):
-        feats = []
-        for i, ch in enumerate((4, 8, 8)):
-            x = nn.tanh(nn.Conv(ch, (3, 3), strides=2, name=f"conv{i}")(x - 0.5))
-            feats.append(x)
-        return feats
-
-
-def _init(module, seed):
-    return module.init(jax.random.key(seed), jnp.zeros((1, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE, 3)))
-
-
-def _fake_landmarks(template):
-    """The dataset's 68 points of one face, rotated about the image centre by -30..30 degrees
-    as a hash of the pixels: plausible faces whose head pose differs between any two images."""
-    template = np.asarray(template, np.float64)
-    centre = (tiny.IMAGE_SIZE - 1) / 2
-
-    def landmarks(images):
-        sums = np.asarray(images, np.int64).sum(axis=(1, 2, 3))
-        angles = np.deg2rad(sums % 61 - 30.0)
-        cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
-        x, y = template[None, :, 0] - centre, template[None, :, 1] - centre
-        return np.stack([cos * x - sin * y, sin * x + cos * y], -1).astype(np.float32) + centre
-
-    return landmarks
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +35,7 @@ def data(tmp_path_factory):
     """The tiny config (eval batch 8), its lfw_swap built once, and the test split in numpy."""
     root = tmp_path_factory.mktemp("eval_data")
     lfw = tiny.write_lfw_tree(root / "lfw", people_per_split=(1, 1, TEST_PEOPLE))
-    config = tiny.tiny_config()
-    config.data.update(lfw_dir=lfw, data_dir=str(root / "tfds"))
-    config.eval.batch_size = BATCH
+    config = tiny_eval.config(lfw, root / "tfds")
     builder = datasets.prepare(config.data)
     test = list(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False)))
     examples = {
@@ -87,30 +52,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nets(data):
-    """Tiny random scoring nets: the identity nets plain closures (static in the jitted
-    metrics), FID features and LPIPS pytrees (jax.tree_util.Partial: weights as arguments)."""
     _, examples = data
-    identity_net = tiny.TinyIdentity()
-    facenet, dlib = (_init(identity_net, seed) for seed in (1, 2))
-    features, variables = _Features(), _init(_Features(), 3)
-
-    def fid_features(variables, x):
-        return jnp.mean(features.apply(variables, x)[-1], axis=(1, 2))
-
-    def lpips(variables, a, b):  # a [R*B] against b [B], as EvalNets.lpips
-        b = jnp.tile(b, (a.shape[0] // b.shape[0], 1, 1, 1))
-        fa, fb = features.apply(variables, a), features.apply(variables, b)
-        return sum(jnp.mean((x - y) ** 2, axis=(1, 2, 3)) for x, y in zip(fa, fb))
-
-    return runner.EvalNets(
-        identity=identity.IdentityNets(
-            facenet=lambda x: identity_net.apply(facenet, x)[1],
-            dlib=lambda x: identity_net.apply(dlib, x)[1],
-        ),
-        fid_features=jax.tree_util.Partial(fid_features, variables),
-        lpips=jax.tree_util.Partial(lpips, variables),
-        landmarks=_fake_landmarks(examples["landmarks"][0]),
-    )
+    return tiny_eval.eval_nets(examples["landmarks"][0])
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +375,7 @@ def test_cli_with_the_real_networks(data, workdir, tmp_path):
     config_file = tmp_path / "tiny_eval.py"
     config_file.write_text(
         textwrap.dedent(f"""
-            from tests import tiny
+            from tests import tiny, tiny_eval
 
             def get_config(arg=None):
                 config = tiny.tiny_config()

@@ -20,7 +20,15 @@ every pristine example ("All": every example), since a detector needs both class
 is over forgeries with a true mask: DFREC's seg > 0.5, or the inpainted region. Per-sample
 metrics aggregate to {"mean", "std", "n"} over their finite values (metrics.summary: a NaN, e.g.
 no landmarks for a pose, lowers n instead of crashing); FID, accuracy and AUC are one number
-per group (null when undefined). Aggregation is on one process: eval reads the whole split.
+per group (null when undefined).
+
+Several processes (multi-host, `config.mesh.distributed`; README "Running on GPU clusters and
+TPU pods"): each reads and scores only its own contiguous block of the split
+(input_pipeline.process_part) with the model on its own first device; the per-sample values
+are then gathered to every process byte for byte, in process order (= split order), and
+aggregated as one process would; process 0 alone writes. Per-sample values do not depend on
+the other examples of a batch (per-image inference, per-row metrics), so the tables equal a
+one-process run's on the same examples (tests/test_multiprocess_eval.py).
 
 Per batch (fixed size, padded, so every jitted function compiles once): the model's predict is
 dispatched, the host meanwhile finds the inputs' landmarks and inpaints; then ONE jitted
@@ -51,6 +59,7 @@ import numpy as np
 from dfrec_jax import losses, paths
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import baselines, identity, metrics, pose, report
+from dfrec_jax.train import multihost
 from dfrec_jax.train.progress import Progress
 
 ALL = "All"
@@ -245,26 +254,33 @@ class _Evaluator:
         }
 
     def samples(self, examples, perturb_spec: str) -> dict:
-        """Per-sample values and labels of every example of `examples` (padding dropped)."""
+        """Per-sample values and labels of every example of `examples` (an
+        input_pipeline.Split), in split order, padding dropped; with several processes each
+        scores its own part and every process gets all values (`gather_samples`)."""
         from data_pipelines import input_pipeline
 
         batch_size = int(self.cfg.batch_size)
+        index, processes = jax.process_index(), jax.process_count()
         dataset = input_pipeline.make_dataset(
             examples,
             batch_size=batch_size,
             seed=self.seed,
             training=False,
             perturb=perturb_spec,
+            process_index=index,
+            process_count=processes,
         )
-        count = int(examples.cardinality())  # known for tfds splits (and after take(N))
-        progress = Progress(-(-count // batch_size), every=10) if count > 0 else None
+        total = int(examples.builder.info.splits[examples.name].num_examples)
+        largest = max(input_pipeline.part_sizes(total, processes))
+        show = largest > 0 and index == 0  # one progress line per job
+        progress = Progress(-(-largest // batch_size), every=10) if show else None
         parts = []
         for i, batch in enumerate(dataset.as_numpy_iterator()):
             if progress is not None:
                 progress.update(i, images_per_step=batch_size)
             keep = batch["valid"] > 0
-            if not keep.any():
-                continue
+            if not keep.any() and parts:  # an all-padding batch is scored only when a
+                continue  # process part is empty: its (empty) values still have the layout
             values = self._batch(batch)
             forged = batch["label"][keep] == 1
             fid = {k: v[keep][forged] for k, v in values["fid"].items()}  # the FID sets
@@ -281,7 +297,34 @@ class _Evaluator:
             )
         if progress is not None:
             progress.update(progress.total_steps, images_per_step=batch_size)
-        return _concat(parts)
+        samples = _concat(parts)
+        return gather_samples(samples) if processes > 1 else samples
+
+
+def gather_samples(samples: dict) -> dict:
+    """Every process's per-sample values, concatenated in process order (the parts are
+    contiguous blocks in process order, so this is split order). Sent as raw bytes: two
+    collectives whatever the number of arrays, and float64 values (pose error, logits) are
+    not cast to float32 on the way, as JAX without x64 would."""
+    from jax.experimental import multihost_utils
+
+    leaves, treedef = jax.tree.flatten(samples)
+    leaves = [np.ascontiguousarray(x) for x in leaves]
+    lengths = multihost_utils.process_allgather(np.array([len(x) for x in leaves], np.int32))
+    mine = np.concatenate([x.reshape(-1).view(np.uint8) for x in leaves])
+    sizes = multihost_utils.process_allgather(np.array([mine.size], np.int64))[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: mine.size] = mine
+    every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, bytes]
+    gathered = [[] for _ in leaves]
+    for p, (buffer, counts) in enumerate(zip(every, np.asarray(lengths))):
+        offset = 0
+        for i, (leaf, n) in enumerate(zip(leaves, counts)):
+            row = leaf.dtype.itemsize * int(np.prod(leaf.shape[1:], dtype=np.int64))
+            chunk = buffer[offset : offset + int(n) * row]
+            gathered[i].append(chunk.view(leaf.dtype).reshape((int(n),) + leaf.shape[1:]))
+            offset += int(n) * row
+    return jax.tree.unflatten(treedef, [np.concatenate(parts) for parts in gathered])
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -418,16 +461,16 @@ def _check_model(config, model: trained_lib.TrainedModel) -> None:
 
 
 def _examples(config, split: str, image_size: int):
-    """(prepared builder, the split's examples): only the first config.eval.max_examples
-    when that is > 0 (the rest are never read)."""
-    from data_pipelines import datasets, input_pipeline
+    """(prepared builder, input_pipeline.Split of the examples to score): the split, or its
+    first config.eval.max_examples when that is > 0 (the rest are never read)."""
+    from data_pipelines import input_pipeline
 
     if int(config.data.image_size) != image_size:
         raise ValueError(
             f"config.data.image_size={config.data.image_size} but the model takes "
             f"{image_size}px faces; set --config.data.image_size={image_size}"
         )
-    builder = datasets.prepare(config.data)
+    builder = multihost.prepare_dataset(config.data)  # process 0 builds a missing one
     if split not in builder.info.splits:
         raise ValueError(
             f"split {split!r} not in {builder.info.full_name} (splits: "
@@ -438,9 +481,10 @@ def _examples(config, split: str, image_size: int):
         raise ValueError(
             f"{builder.info.full_name} holds {size}px faces but the model takes {image_size}px"
         )
-    examples = input_pipeline.load_examples(builder, split)
     limit = int(config.eval.max_examples)
-    return builder, examples.take(limit) if limit > 0 else examples
+    if 0 < limit < builder.info.splits[split].num_examples:  # tfds refuses a longer slice
+        split = f"{split}[:{limit}]"
+    return builder, input_pipeline.Split(builder, split)
 
 
 def _level_key(level) -> str:
@@ -482,9 +526,10 @@ def run(
 ) -> dict:
     """Evaluates a run's checkpoint on `split` of config.data and writes metrics.json and
     table.md (module docstring); returns the metrics dict. `nets` replaces the real scoring
-    networks (tests)."""
+    networks (tests). With several processes every process calls it (module docstring)."""
     from dfrec_jax.train import workdir as workdir_lib
 
+    multihost.initialize(config.mesh.distributed)  # before any other JAX use
     model = trained_lib.load(workdir=workdir, checkpoint=checkpoint, step=step)
     _check_model(config, model)
     name, specs = _perturbations(perturb, config.eval)
@@ -529,6 +574,8 @@ def run(
     out["versions"] = workdir_lib.library_versions()
     out["created_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     out = _json_ready(out)
+    if jax.process_index() != 0:  # the same tables everywhere; one process writes them
+        return out
 
     run_dir = workdir or os.path.dirname(model.checkpoint_dir)
     output_dir = paths.join(run_dir, "eval", folder)  # may be remote (gs://...)

@@ -68,17 +68,11 @@ class TrainResult:
 
 def _data_pipelines(config, mesh):
     """Training and validation input pipelines (TensorFlow is imported only here)."""
-    from data_pipelines import datasets, input_pipeline
+    from data_pipelines import input_pipeline
 
     data = config.data
     processes, index = jax.process_count(), jax.process_index()
-    if processes > 1:  # one host builds a missing dataset; the others wait, then open it
-        if index == 0:
-            datasets.prepare(data)
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dfrec_jax dataset prepared")
-    builder = datasets.prepare(data)
+    builder = multihost.prepare_dataset(data)  # one host builds a missing dataset
     local_batch = data.batch_size // processes
     batch_sharding = sharding.batch_sharding(mesh)
     # Splits, not their examples: each process reads only its own part of them.
