@@ -21,6 +21,8 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
             patch_size=patch_size,
             mask_ratio=mask_ratio,
             masking_variant="paper",
+            # "learned": the release's MAE(para=True) all-random threshold, a parameter.
+            masking_threshold="fixed",
             dtype=dtype,
             ism=dict(
                 atrous_rates=(12, 24, 36),
@@ -33,6 +35,10 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
                 encoder_bn_momentum=0.99,  # EfficientNet's; short runs use 0.9 (demo.py)
                 # Depthwise convs: "auto" runs the fastest per platform (layers.depthwise_conv).
                 depthwise_impl="auto",
+                # The DFREC release's behaviours (configs/official.py exact=released):
+                encoder_padding="symmetric",  # "tf_same": stride-2 convs pad like TF
+                encoder_dilation_start="stage",  # "smp": dilated from block 9, as smp
+                align_corners=False,  # True: upsampling like smp's UpsamplingBilinear2d
             ),
             sirm=dict(
                 channels=(32, 64, 128, 256, 1024),
@@ -53,6 +59,7 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
                 decoder_pos_embed="sincos",
                 fusion="channel",
                 identity_pos_embed=False,  # a learned embedding per identity row (tirm.py)
+                token_indexing="patch",  # "released": the release's off-by-one (tirm.py)
             ),
         )
     )

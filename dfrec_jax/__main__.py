@@ -6,10 +6,11 @@ a dataset split), recover (forensic recovery of images with JSON evidence record
 forward (run a randomly initialised model on real faces and write panels), bench (timings as
 JSON lines), build_data (prepare the configured dataset; prints split sizes and skip counts),
 samples (write a few forgeries and pristine faces of a split, with their truth, as inputs
-for recover), sweep (one `train` run per point of a sweep file, see dfrec_jax/sweep.py).
+for recover), sweep (one `train` run per point of a sweep file, see dfrec_jax/sweep.py),
+convert (the authors' released checkpoint as a workdir: --released FILE --output DIR).
 
 recover, trace and export read the config of the run they use (its config.json): they need
-no --config.
+no --config. convert takes configs/official.py:exact=released unless --config is given.
 
 A `--config.a.b=v` naming a key the config does not have stops with one line naming the key.
 
@@ -32,9 +33,9 @@ from dfrec_jax import bench, forward, paths, sweep
 
 COMMANDS = (
     "train", "eval", "recover", "trace", "export", "forward", "bench", "build_data", "samples",
-    "sweep",
+    "sweep", "convert",
 )  # fmt: skip
-NO_CONFIG = ("recover", "trace", "export")  # these read the run's own config.json
+NO_CONFIG = ("recover", "trace", "export", "convert")  # the run's own config.json, or its own
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py")
 _OUTPUT = flags.DEFINE_string(
@@ -43,6 +44,9 @@ _OUTPUT = flags.DEFINE_string(
 )  # fmt: skip
 _INPUT = flags.DEFINE_multi_string(
     "input", [], "recover: image file or folder (repeatable); trace: a recover output folder"
+)
+_RELEASED = flags.DEFINE_string(
+    "released", None, "convert: the authors' released checkpoint (.pth or .safetensors)"
 )
 _ALIGN = flags.DEFINE_bool("align", False, "recover: detect, align, recover and paste back")
 _CHECKPOINT = flags.DEFINE_string(
@@ -180,7 +184,7 @@ def _check_paths(command: str) -> None:
             _writable_file(output, "--output")
         elif len(_INPUT.value) == 1 and os.path.isdir(_INPUT.value[0]):
             _writable_folder(_INPUT.value[0], "--input (trace.json is written there)")
-    elif command in ("recover", "export", "samples") and output:
+    elif command in ("recover", "export", "samples", "convert") and output:
         _writable_folder(output, "--output")
     elif command == "forward":
         _writable_folder(output or "runs/demo/forward", "--output")
@@ -206,7 +210,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _no_config_command(command: str) -> int:
-    """recover / trace / export: they read the run's own config."""
+    """recover / trace / export: they read the run's own config; convert writes one."""
+    if command == "convert":
+        from dfrec_jax import convert
+
+        if not _RELEASED.value or not _OUTPUT.value:
+            raise app.UsageError("convert needs --released FILE (.pth or .safetensors) and "
+                                 "--output DIR")  # fmt: skip
+        convert.run(_RELEASED.value, _OUTPUT.value, config=_CONFIG.value)
+        return 0
     if command == "trace":
         from dfrec_jax import trace
 

@@ -407,6 +407,9 @@ def bench_recover(
         run = trained.load(workdir=workdir)
         model, variables, seed = run.model, run.variables, int(run.config.seed)
         weights = f"checkpoint {run.checkpoint_dir} step {run.step}"
+        if run.provenance:  # a `convert`ed release: name the file the weights came from
+            weights += f" (converted from {run.provenance['file']}, sha256 " \
+                       f"{run.provenance['sha256']})"
         digest = run.config_hash
     else:
         model = inference.build_model(config)

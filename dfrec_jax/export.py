@@ -114,11 +114,7 @@ def manifest_for(exported, trained, variable_keys, files: dict[str, str]) -> dic
         "platforms": list(exported.platforms),
         "calling_convention_version": exported.calling_convention_version,
         "jax_version": jax.__version__,
-        "checkpoint": {
-            "path": trained.checkpoint_dir,
-            "step": trained.step,
-            "params_sha256": trained.params_sha256,
-        },
+        "checkpoint": trained.checkpoint_record(),  # + converted_from for `convert` runs
         "config_hash": trained.config_hash,
         "sha256": files,
     }
@@ -130,13 +126,18 @@ def readme_text(manifest: dict) -> str:
         f"- `{name}`: {spec['dtype']} [{', '.join(map(str, spec['shape']))}]"
         for name, spec in manifest["outputs"].items()
     )
+    source = manifest["checkpoint"].get("converted_from")
+    converted = (
+        f" Weights converted from `{source['file']}` (sha256 `{source['sha256']}`), the authors'"
+        " released model." if source else ""
+    )
     return f"""# DFREC export
 
 A trained DFREC (deepfake identity recovery) model, exported with `jax.export`: from one
 face-swapped face it predicts the identity segmentation map, a forgery logit, the recovered
 source face and the recovered target face. Checkpoint step {manifest["checkpoint"]["step"]}
 (params sha256 `{manifest["checkpoint"]["params_sha256"]}`), config hash
-`{manifest["config_hash"]}` (config.json). Platforms: {", ".join(manifest["platforms"])};
+`{manifest["config_hash"]}` (config.json).{converted} Platforms: {", ".join(manifest["platforms"])};
 jax {manifest["jax_version"]}, calling convention {manifest["calling_convention_version"]}.
 
 ## Input contract

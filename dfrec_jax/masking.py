@@ -41,8 +41,9 @@ Index convention: the released code applies the kept indices to a token
 sequence that starts with a class token, without a +1 offset, so it actually
 keeps the class token plus patches shifted by one (a likely off-by-one). This
 project applies ``keep_idx`` / ``mask_idx`` to the patch tokens only; the
-encoder handles the class token separately. The off-by-one is deliberately NOT
-reproduced.
+encoder handles the class token separately. The off-by-one is reproduced only
+where asked, by the TIRM's ``token_indexing="released"`` (configs/official.py
+``exact=released``); the indices chosen here are the same either way.
 """
 
 from __future__ import annotations
@@ -162,18 +163,35 @@ def _paper_order(seg: jax.Array, rng: jax.Array, patch_size: int) -> jax.Array:
     return jnp.argsort(-w, axis=-1, stable=True)
 
 
-def _official_order(seg: jax.Array, rng: jax.Array, patch_size: int) -> jax.Array:
+def _official_order(
+    seg: jax.Array, rng: jax.Array, patch_size: int, all_random_thr: jax.Array | None = None
+) -> jax.Array:
     """Patch order, most-to-be-kept first (released code, thresholds per patch area)."""
     s = patch_weights(seg, patch_size, "sum")
     scale = patch_size * patch_size / _OFFICIAL_PATCH_AREA
     noise = jax.random.uniform(rng, s.shape)
-    all_random = jnp.mean(s, axis=-1, keepdims=True) >= _OFFICIAL_ALL_RANDOM_THR * scale
+    if all_random_thr is None:
+        all_random_thr = _OFFICIAL_ALL_RANDOM_THR * scale
+    all_random = jnp.mean(s, axis=-1, keepdims=True) >= all_random_thr
     w = jnp.where(all_random | (s <= _OFFICIAL_LOW_THR * scale), noise, s)
     return jnp.argsort(w, axis=-1, stable=True)
 
 
+def learned_all_random_threshold(raw: jax.Array, patch_size: int) -> jax.Array:
+    """The release's MAE(para=True) threshold: sigmoid(raw) * 256 for 16x16 patches (here
+    sigmoid(raw) * p*p, the patch area, as the fixed thresholds scale). `raw` is initialised
+    to 250 there, i.e. ~ the whole patch area: all-random only for a map that is 1 everywhere."""
+    return jax.nn.sigmoid(jnp.asarray(raw, jnp.float32)) * float(patch_size * patch_size)
+
+
 def semantic_guided_masking(
-    seg: jax.Array, rng: jax.Array, *, patch_size: int, mask_ratio: float, variant: str = "paper"
+    seg: jax.Array,
+    rng: jax.Array,
+    *,
+    patch_size: int,
+    mask_ratio: float,
+    variant: str = "paper",
+    all_random_threshold: jax.Array | None = None,
 ) -> MaskingResult:
     """Chooses K = int(N * mask_ratio) patches to mask from the segmentation map.
 
@@ -183,12 +201,16 @@ def semantic_guided_masking(
       rng: PRNG key for the noise given to low-weight patches (all patches in the
         official all-random case). Equal weights are ordered by patch index.
       patch_size, mask_ratio, variant: static; variant is "paper" or "official".
+      all_random_threshold: official variant only, a (traced) mean-patch-sum threshold in
+        place of the fixed 250 * p*p / 256 (`learned_all_random_threshold`).
 
     Returns:
       MaskingResult with int32 mask_idx [B, K], keep_idx [B, N-K] and bool mask [B, N].
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown masking variant {variant!r}; expected one of {VARIANTS}.")
+    if all_random_threshold is not None and variant != "official":
+        raise ValueError("all_random_threshold is a rule of the official masking variant only")
     seg = jax.lax.stop_gradient(_as_bhw1(seg))
     b, h, w, _ = seg.shape
     _check_divisible(h, w, patch_size)
@@ -199,7 +221,10 @@ def semantic_guided_masking(
         order = _paper_order(seg, rng, patch_size).astype(jnp.int32)
         mask_idx, keep_idx = order[:, :k], order[:, k:]
     else:
-        order = _official_order(seg, rng, patch_size).astype(jnp.int32)
+        threshold = all_random_threshold
+        if threshold is not None:
+            threshold = jax.lax.stop_gradient(jnp.asarray(threshold, jnp.float32))
+        order = _official_order(seg, rng, patch_size, threshold).astype(jnp.int32)
         keep_idx, mask_idx = order[:, : n - k], order[:, n - k :]
 
     mask = scatter_tokens(jnp.zeros((b, n, 1), bool), mask_idx, jnp.ones((b, k, 1), bool))[..., 0]

@@ -236,11 +236,7 @@ class _Recoverer:
         self.common = {
             "format": FORMAT,
             "float_decimals": FLOAT_DECIMALS,
-            "checkpoint": {
-                "path": model.checkpoint_dir,
-                "step": model.step,
-                "params_sha256": model.params_sha256,
-            },
+            "checkpoint": model.checkpoint_record(),  # + converted_from for `convert` runs
             "config": {"hash": model.config_hash, "eval_section": eval_source},
             "versions": workdir_lib.library_versions(),
             "identity_nets": describe_nets(eval_config) if nets is None else "supplied by caller",

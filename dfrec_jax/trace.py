@@ -194,9 +194,15 @@ def _record_summary(folder: str, face: dict) -> dict | None:
             "identity_similarity_input_target": record["identity_similarity_input_target"],
             "checkpoint_step": record["checkpoint"]["step"],
             "file_matches_record": recorded == face["sha256"],
-        }
+        } | _converted_from(record)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {"file": os.path.basename(path), "unreadable": f"{type(e).__name__}: {e}"}
+
+
+def _converted_from(record: dict) -> dict:
+    """The released file's sha256 when the record's model was `convert`ed from it."""
+    source = record["checkpoint"].get("converted_from")
+    return {"converted_from_sha256": source["sha256"]} if source else {}
 
 
 def _candidates(f: int, scores: dict, rank_by: str, top_k: int, people: dict, entries, gallery):

@@ -4,9 +4,11 @@
     trained = load(checkpoint="runs/demo/checkpoints", step=100)
     outputs = trained.predict(images_uint8_or_float01)   # jitted, deterministic
 
-The config comes from the run's `config.json` (written by `train`), so recovery needs no
-config file; the parameters and batch statistics from the orbax checkpoint, read alone onto
-one device (the optimizer state is never read or built: a run whose optimizer config has
+The config comes from the run's `config.json` (written by `train`, or by `convert` for the
+authors' released model, which also writes `provenance.json`: the source file and its sha256,
+carried into every record made with the model), so recovery needs no config file; the
+parameters and batch statistics from the orbax checkpoint, read alone onto one device of this
+process (the optimizer state is never read or built: a run whose optimizer config has
 changed since still loads). Nothing here imports TensorFlow.
 
 Inference is deterministic and per image: every image is run as a batch of one (vmapped) with
@@ -36,6 +38,7 @@ from dfrec_jax import inference, paths
 from dfrec_jax.models import DFREC
 
 OUTPUT_KEYS = ("seg", "forgery_logit", "source", "target", "mask")
+PROVENANCE = "provenance.json"  # beside config.json in a converted workdir (`convert`)
 
 
 def params_sha256(variables: Any) -> str:
@@ -57,6 +60,11 @@ LEGACY_MODEL_DEFAULTS = {
     ("ism", "encoder_bn_momentum"): 0.99,
     ("ism", "depthwise_impl"): "auto",
     ("tirm", "identity_pos_embed"): False,
+    ("ism", "encoder_padding"): "symmetric",
+    ("ism", "encoder_dilation_start"): "stage",
+    ("ism", "align_corners"): False,
+    ("tirm", "token_indexing"): "patch",
+    ("masking_threshold",): "fixed",
 }
 
 
@@ -69,10 +77,14 @@ def read_config(path: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"no config.json at {path} (is this a `train` workdir?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"unreadable config {path}: {e}") from None
-    for (block, key), value in LEGACY_MODEL_DEFAULTS.items():
-        model = data.get("model", {})
-        if isinstance(model.get(block), dict):
-            model[block].setdefault(key, value)
+    model = data.get("model", {})
+    for path, value in LEGACY_MODEL_DEFAULTS.items():
+        *blocks, key = path
+        node = model
+        for block in blocks:
+            node = node.get(block) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node:
+            node.setdefault(key, value)
     return ml_collections.ConfigDict(data)
 
 
@@ -120,6 +132,16 @@ class TrainedModel:
     step: int
     params_sha256: str
     config_hash: str
+    provenance: dict | None = None  # provenance.json of a converted model (`convert`)
+
+    def checkpoint_record(self) -> dict:
+        """What evidence records say about the weights: checkpoint path, step, params sha256,
+        and for a converted model where they came from (`converted_from`)."""
+        record = {"path": self.checkpoint_dir, "step": self.step,
+                  "params_sha256": self.params_sha256}  # fmt: skip
+        if self.provenance is not None:
+            record["converted_from"] = self.provenance
+        return record
 
     @property
     def image_size(self) -> int:
@@ -174,6 +196,10 @@ def load(
         from dfrec_jax.train import workdir as workdir_lib
 
         digest = workdir_lib.config_hash(config)
+    provenance_path = paths.join(os.path.dirname(config_path), PROVENANCE)
+    provenance = None
+    if paths.exists(provenance_path):
+        provenance = json.loads(paths.read_text(provenance_path))
     return TrainedModel(
         config=config,
         model=model,
@@ -182,4 +208,5 @@ def load(
         step=int(step),
         params_sha256=params_sha256(variables),
         config_hash=digest,
+        provenance=provenance,
     )

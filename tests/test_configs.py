@@ -18,7 +18,10 @@ CONFIG_FILES = sorted(
     for p in glob.glob(os.path.join(configlib.REPO_ROOT, "configs", "*.py"))
     if not p.endswith("__init__.py")
 )
-ARGS = {"configs/demo.py": ["dtype=bfloat16", "fusion=sequence", "variant=official"]}
+ARGS = {
+    "configs/demo.py": ["dtype=bfloat16", "fusion=sequence", "variant=official"],
+    "configs/official.py": ["exact=released", "exact=released_learned_threshold"],
+}
 GROUPS = ("data", "loss", "mesh", "model", "optim", "seed", "train")
 
 
@@ -45,6 +48,28 @@ def test_every_config_builds(path):
 def test_unknown_config_arg_names_the_key(path):
     with pytest.raises(ValueError, match="unknown config arg 'bogus'"):
         _module(path).get_config("bogus=1")
+
+
+def test_official_exact_released_sets_every_released_behaviour():
+    from configs import default, official
+
+    plain, exact = official.get_config(), official.get_config("exact=released")
+    released = {("ism", "encoder_padding"): "tf_same", ("ism", "encoder_dilation_start"): "smp",
+                ("ism", "align_corners"): True, ("tirm", "token_indexing"): "released"}  # fmt: skip
+    for (block, key), value in released.items():
+        assert exact.model[block][key] == value != plain.model[block][key], key
+        assert default.get_config().model[block][key] == plain.model[block][key]  # off
+    assert exact.model.masking_threshold == plain.model.masking_threshold == "fixed"
+    learned = official.get_config("exact=released_learned_threshold")
+    assert learned.model.masking_threshold == "learned"
+    # Nothing else differs: the same architecture and weights layout as plain official.py.
+    for config in (exact, learned):
+        for block in ("ism", "tirm"):
+            for key in config.model[block]:
+                if (block, key) not in released:
+                    assert config.model[block][key] == plain.model[block][key], (block, key)
+    with pytest.raises(ValueError, match="exact='yes'"):
+        official.get_config("exact=yes")
 
 
 def test_locked_config_rejects_a_new_key_by_name():

@@ -23,6 +23,7 @@ from dfrec_jax.models.sirm import SIRM
 from dfrec_jax.pretrained import convert_released as cr
 from dfrec_jax.pretrained.checkpoint import ConversionError
 from dfrec_jax.pretrained.convert_backbones import flat_paths
+from tests.test_convert_backbones import TorchvisionEncoder
 
 try:
     import torch
@@ -39,6 +40,7 @@ KEPT = GRID * GRID // 2
 CHANNELS, SPLIT = (8, 16, 32, 64, 128), 64
 IDENTITY_FEATURES = (SIZE // 16) ** 2  # the SIRM bottleneck's h*w
 ENC, DEC = dict(width=32, depth=2, mlp=64), dict(width=32, depth=1, mlp=128)
+HEADS = 4  # encoder and decoder (small_config)
 DECODER_CHANNELS = 32
 
 
@@ -211,49 +213,33 @@ class SourceRecoverNetAttention2(_Module):
 # ----------------------------------------------------------------------------- MAE mirror
 
 
-class TVBlock(_Module):  # torchvision EncoderBlock names
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
-        self.self_attention = nn.MultiheadAttention(dim, 4, batch_first=True)
-        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0),
-                                 nn.Linear(hidden, dim), nn.Dropout(0.0))  # fmt: skip
-
-
-class TVEncoder(_Module):  # torchvision Encoder / lightly MAEEncoder / MAEDecoder base
-    def __init__(self, seq, dim, depth, hidden):
-        super().__init__()
-        self.pos_embedding = nn.Parameter(torch.randn(1, seq, dim))
-        blocks = [(f"encoder_layer_{i}", TVBlock(dim, hidden)) for i in range(depth)]
-        self.layers = nn.Sequential(collections.OrderedDict(blocks))
-        self.ln = nn.LayerNorm(dim, eps=1e-6)
-
-
 class MAEBackbone(_Module):  # lightly MAEBackbone.from_vit(torchvision ViT)
-    def __init__(self, patch, grid, width, depth, mlp):
+    def __init__(self, patch, grid, width, depth, mlp, heads=HEADS):
         super().__init__()
         self.conv_proj = nn.Conv2d(3, width, patch, patch)
         self.class_token = nn.Parameter(torch.randn(1, 1, width))
-        self.encoder = TVEncoder(grid * grid + 1, width, depth, mlp)
+        self.encoder = TorchvisionEncoder(grid * grid + 1, width, depth, heads, mlp)
         self.heads = nn.Sequential(collections.OrderedDict(head=nn.Linear(width, 1000)))
 
 
-class MAEDecoder(TVEncoder):  # lightly MAEDecoder(seq_length=vit.seq_length, ...)
-    def __init__(self, patch, grid, width, depth, mlp, embed_input_dim):
-        super().__init__(grid * grid + 1, width, depth, mlp)
+class MAEDecoder(TorchvisionEncoder):  # lightly MAEDecoder(seq_length=vit.seq_length, ...)
+    def __init__(self, patch, grid, width, depth, mlp, embed_input_dim, heads=HEADS):
+        super().__init__(grid * grid + 1, width, depth, heads, mlp)
         self.decoder_embed = nn.Linear(embed_input_dim, width)
         self.prediction_head = nn.Linear(width, patch * patch * 3)
 
 
-class MAE(_Module):  # models/mae.py MAE (para=False: no threshold parameter)
-    def __init__(self, patch=PATCH, grid=GRID, enc=ENC, dec=DEC, identity=IDENTITY_FEATURES):
+class MAE(_Module):  # models/mae.py MAE (para=False: no threshold parameter; True: one)
+    def __init__(self, patch=PATCH, grid=GRID, enc=ENC, dec=DEC, identity=IDENTITY_FEATURES,
+                 para=False):  # fmt: skip
         super().__init__()
+        if para:
+            self.threshold = nn.Parameter(torch.tensor(250.0))
         self.mask_token = nn.Parameter(torch.randn(1, 1, dec["width"]))
-        self.backbone = MAEBackbone(patch, grid, enc["width"], enc["depth"], enc["mlp"])
-        self.decoder = MAEDecoder(
-            patch, grid, dec["width"], dec["depth"], dec["mlp"], enc["width"] + identity
-        )
+        self.backbone = MAEBackbone(patch, grid, enc["width"], enc["depth"], enc["mlp"],
+                                    enc.get("heads", HEADS))  # fmt: skip
+        self.decoder = MAEDecoder(patch, grid, dec["width"], dec["depth"], dec["mlp"],
+                                  enc["width"] + identity, dec.get("heads", HEADS))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -541,11 +541,7 @@ def run(
     threshold = float(config.eval.recovery_threshold)
     out = {
         "split": split,
-        "checkpoint": {
-            "path": model.checkpoint_dir,
-            "step": model.step,
-            "params_sha256": model.params_sha256,
-        },
+        "checkpoint": model.checkpoint_record(),  # + converted_from for `convert` runs
         "config_hash": model.config_hash,
         "eval_config": workdir_lib.config_to_dict(config.eval),
         "dataset": {

@@ -28,8 +28,10 @@ class DFREC(nn.Module):
     mask_ratio: float
     masking_variant: str
     ism: ISM
+    # "fixed" | "learned": the release's MAE(para=True) threshold, a parameter (masking.py).
     sirm: SIRM
     tirm: TIRM
+    masking_threshold: str = "fixed"
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -45,12 +47,21 @@ class DFREC(nn.Module):
         ism = self.ism(images, train)
         seg = ism["seg"]
         sirm = self.sirm(images * seg, train)
+        threshold = None
+        if self.masking_threshold == "learned":
+            raw = self.param("masking_threshold", nn.initializers.constant(250.0), (),
+                             jnp.float32)  # fmt: skip
+            threshold = masking.learned_all_random_threshold(raw, self.patch_size)
+        elif self.masking_threshold != "fixed":
+            raise ValueError(f"masking_threshold must be 'fixed' or 'learned', got "
+                             f"{self.masking_threshold!r}")  # fmt: skip
         chosen = masking.semantic_guided_masking(
             seg,
             self.make_rng("masking"),
             patch_size=self.patch_size,
             mask_ratio=self.mask_ratio,
             variant=self.masking_variant,
+            all_random_threshold=threshold,
         )
         tirm = self.tirm(images, sirm["target_identity"], chosen.keep_idx, chosen.mask_idx)
         return {
@@ -91,4 +102,5 @@ class DFREC(nn.Module):
             ism=ism,
             sirm=sirm,
             tirm=tirm,
+            masking_threshold=cfg.get("masking_threshold", "fixed"),
         )

@@ -24,9 +24,10 @@ kernels are (k, k, 1, C) here and (C, 1, k, k) there. timm's ``conv_head``,
 ``bn2`` and ``classifier`` have no counterpart.
 
 Padding is symmetric ``(k // 2) * dilation`` on each side, as in timm's
-``efficientnet_b0`` (PyTorch-style), not TF "SAME" (which pads asymmetrically
-for stride 2). Weights from TF-ported ``tf_efficientnet_b0`` would need TF-same
-padding to match exactly.
+``efficientnet_b0`` (PyTorch-style). ``padding="tf_same"`` pads the stride-2 convs TF
+"SAME" instead (the extra pixel at the bottom/right: 0/1 for 3x3, 1/2 for 5x5 on even sizes),
+as efficientnet_pytorch's static-same convs do for the DFREC release (and TF-ported weights
+need); stride-1 convs pad the same either way.
 """
 
 import functools
@@ -97,6 +98,7 @@ class MBConv(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     depthwise_impl: str = "auto"  # layers.depthwise_conv impl
+    padding: str = "symmetric"  # | "tf_same" (stride 2 only; module docstring)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -119,12 +121,13 @@ class MBConv(nn.Module):
             param_dtype=self.param_dtype,
         )
         k, d = self.kernel_size, self.dilation
+        tf_same = self.padding == "tf_same" and self.stride > 1
 
         def depthwise(h):
             return DepthwiseConv(
                 k,
                 strides=self.stride,
-                padding=same_padding(k, d),
+                padding="SAME" if tf_same else same_padding(k, d),
                 dilation=d,
                 use_bias=False,
                 kernel_init=DEPTHWISE_INIT,
@@ -186,6 +189,11 @@ class EfficientNetB0(nn.Module):
     stage(s) into dilation, as DeepLabV3+ encoders do; like
     segmentation_models_pytorch's ``make_dilated``, every depthwise conv of a
     dilated stage and of the stages after it uses the accumulated dilation.
+    ``dilation_start="smp"`` (output stride 16 only) dilates from where smp's
+    EfficientNet encoder does: its last stage is ``_blocks[9:]`` (stage_idxs 3, 5, 9, 16
+    for B0), so the two 112-ch blocks before the stride-2 stage are dilated too, as in the
+    DFREC release; "stage" (default) dilates from the stride-2 stage only (block 11).
+    ``padding``: "symmetric" | "tf_same" (module docstring).
 
     Returns a dict:
       ``low``: stride-4 features (24 ch);
@@ -205,6 +213,8 @@ class EfficientNetB0(nn.Module):
     bn_momentum: float = 0.99  # flax convention: running = m * running + (1 - m) * batch
     bn_epsilon: float = 1e-3
     depthwise_impl: str = "auto"  # layers.depthwise_conv impl
+    padding: str = "symmetric"  # | "tf_same"
+    dilation_start: str = "stage"  # | "smp"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -214,6 +224,14 @@ class EfficientNetB0(nn.Module):
             raise ValueError(
                 f"EfficientNetB0 output_stride must be 8, 16 or 32, got {self.output_stride}."
             )
+        if self.padding not in ("symmetric", "tf_same"):
+            raise ValueError(f"padding must be 'symmetric' or 'tf_same', got {self.padding!r}")
+        if self.dilation_start not in ("stage", "smp"):
+            raise ValueError(
+                f"dilation_start must be 'stage' or 'smp', got {self.dilation_start!r}"
+            )
+        if self.dilation_start == "smp" and self.output_stride != 16:
+            raise ValueError("dilation_start='smp' is defined for output_stride 16 only")
         width, depth = self.width_coefficient, self.depth_coefficient
         stages = [
             (e, k, st, scaled_channels(c, width), scaled_repeats(r, depth))
@@ -223,7 +241,7 @@ class EfficientNetB0(nn.Module):
             scaled_channels(STEM_CHANNELS, width),
             (3, 3),
             strides=2,
-            padding=same_padding(3),
+            padding="SAME" if self.padding == "tf_same" else same_padding(3),
             use_bias=False,
             kernel_init=CONV_INIT,
             dtype=self.dtype,
@@ -241,6 +259,8 @@ class EfficientNetB0(nn.Module):
         x = nn.swish(x)
 
         num_blocks = sum(stage[-1] for stage in stages)
+        # smp's last encoder stage starts one block into the 112-ch stage (block 9 of B0).
+        smp_start = sum(stage[-1] for stage in stages[:4]) + 1
         features, stride, dilation, block_idx = [], 2, 1, 0
         for s, (expand, kernel, stage_stride, out_ch, repeats) in enumerate(stages):
             if stage_stride > 1:
@@ -256,11 +276,14 @@ class EfficientNetB0(nn.Module):
                     expand,
                     kernel,
                     stride=stage_stride if i == 0 else 1,
-                    dilation=dilation,
+                    dilation=max(dilation, 2)
+                    if self.dilation_start == "smp" and block_idx >= smp_start
+                    else dilation,
                     drop_path_rate=self.stochastic_depth_rate * block_idx / num_blocks,
                     bn_momentum=self.bn_momentum,
                     bn_epsilon=self.bn_epsilon,
                     depthwise_impl=self.depthwise_impl,
+                    padding=self.padding,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"blocks_{s}_{i}",

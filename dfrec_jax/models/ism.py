@@ -19,20 +19,20 @@ high-level features. Decoder names follow smp to ease a by-name converter:
     classifier (ISM top level)               classification_head.3 (aux_params)
 
 Decoder BatchNorms keep smp's PyTorch defaults (momentum 0.1 -> flax 0.9,
-epsilon 1e-5). Known difference from smp: upsampling uses ``jax.image.resize``
-bilinear (half-pixel centres, i.e. ``align_corners=False``) where smp's
-``UpsamplingBilinear2d`` uses ``align_corners=True``.
+epsilon 1e-5). Upsampling (x4 of the ASPP output, x4 of the logits) is bilinear with
+half-pixel centres by default; ``align_corners=True`` samples like smp's
+``UpsamplingBilinear2d`` (the DFREC release). The release's encoder behaviours are
+``encoder_padding="tf_same"`` and ``encoder_dilation_start="smp"`` (efficientnet.py).
 """
 
 import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dfrec_jax.models.efficientnet import EfficientNetB0
-from dfrec_jax.models.layers import ConvBNReLU, same_padding
+from dfrec_jax.models.layers import ConvBNReLU, resize_bilinear, same_padding
 
 OUTPUT_STRIDE = 16
 
@@ -83,6 +83,7 @@ class DeepLabV3PlusDecoder(nn.Module):
     head_kernel_size: int = 1
     num_classes: int = 1
     depthwise_impl: str = "auto"
+    align_corners: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -100,7 +101,7 @@ class DeepLabV3PlusDecoder(nn.Module):
             **kw,
         )(high, train)
         x = cbr(self.channels, 3, separable=True, name="aspp_conv")(x, train)
-        x = jax.image.resize(x, low.shape[:3] + x.shape[3:], method="bilinear")
+        x = resize_bilinear(x, low.shape[1:3], self.align_corners)
         skip = cbr(self.low_level_channels, name="block1")(low, train)
         x = jnp.concatenate([x, skip], axis=-1)
         x = cbr(self.channels, 3, separable=True, name="block2")(x, train)
@@ -136,6 +137,11 @@ class ISM(nn.Module):
     # layers.depthwise_conv impl of every depthwise conv: "auto" (the fast one per platform),
     # "xla" (grouped conv: compiles faster, runs slower on CPU; the tiny test config), "shifted".
     depthwise_impl: str = "auto"
+    # The DFREC release's behaviours (README "Using the authors' trained model"): TF-"SAME"
+    # stride-2 padding, smp's dilation from block 9, align_corners=True upsampling.
+    encoder_padding: str = "symmetric"  # | "tf_same"
+    encoder_dilation_start: str = "stage"  # | "smp"
+    align_corners: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -154,6 +160,8 @@ class ISM(nn.Module):
             depth_coefficient=self.depth_coefficient,
             bn_momentum=self.encoder_bn_momentum,
             depthwise_impl=self.depthwise_impl,
+            padding=self.encoder_padding,
+            dilation_start=self.encoder_dilation_start,
             name="encoder",
             **kw,
         )(images, train)
@@ -165,12 +173,11 @@ class ISM(nn.Module):
             dropout_rate=self.dropout_rate,
             head_kernel_size=self.head_kernel_size,
             depthwise_impl=self.depthwise_impl,
+            align_corners=self.align_corners,
             name="decoder",
             **kw,
         )(feats["low"], feats["high"], train)
-        logits = jax.image.resize(
-            logits.astype(jnp.float32), (b, h, w, logits.shape[-1]), method="bilinear"
-        )
+        logits = resize_bilinear(logits.astype(jnp.float32), (h, w), self.align_corners)
 
         pooled = jnp.mean(feats["high"], axis=(1, 2))
         pooled = nn.Dropout(self.classifier_dropout_rate, deterministic=not train)(pooled)

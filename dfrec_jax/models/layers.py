@@ -16,6 +16,25 @@ def same_padding(kernel_size: int, dilation: int = 1):
     return ((p, p), (p, p))
 
 
+def resize_bilinear(x: jax.Array, size: tuple[int, int], align_corners: bool = False):
+    """Bilinear resize of x [B,H,W,C] to `size` (h, w).
+
+    align_corners=False: half-pixel centres (jax.image.resize; PyTorch's F.interpolate
+    default). True: the corner pixels of input and output coincide, as PyTorch's
+    UpsamplingBilinear2d / align_corners=True (what segmentation_models_pytorch's
+    DeepLabV3+ uses): output pixel o samples input (o * (in - 1) / (out - 1)).
+    """
+    shape = (x.shape[0], *size, x.shape[-1])
+    if not align_corners:
+        return jax.image.resize(x, shape, method="bilinear")
+    # jax.image samples input coordinate (o + 0.5 - t) / s - 0.5 (pixel centres); solve for
+    # s = (out - 1) / (in - 1) and t = 0.5 - 0.5 * s per axis.
+    scale = jnp.array([(o - 1) / max(i - 1, 1) for i, o in zip(x.shape[1:3], size)], jnp.float32)
+    return jax.image.scale_and_translate(
+        x, shape, (1, 2), scale, 0.5 - 0.5 * scale, method="linear", antialias=False
+    )
+
+
 def depthwise_conv(
     x: jax.Array,
     kernel: jax.Array,

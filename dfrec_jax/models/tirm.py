@@ -16,6 +16,14 @@ embedding per identity row is added to the rows before fusion. The SIRM's row j 
 same feature channel, but channel fusion attaches it to the j-th visible token of a random
 keep order; the embedding tells the decoder which row it is looking at.
 Predicted pixels pass through a sigmoid (as in the released code) so the target stays in [0,1].
+
+Token indexing (`token_indexing`): "patch" (default) applies keep_idx / mask_idx to the patch
+tokens, the class token handled apart. "released" reproduces the DFREC release (lightly's
+MAEBackbone / MAEDecoder driven without the class-token offset): the encoder keeps positions
+keep_idx of the class-token-prefixed sequence (index 0 is the class token, j is patch j - 1)
+and has no separate class token; the decoder runs N + 1 tokens (a learned position row each)
+whose positions keep_idx / mask_idx are read as patch indices, so token N is always a mask
+token. A likely off-by-one in the release, reproduced on purpose for exact outputs.
 """
 
 from typing import Any
@@ -44,6 +52,7 @@ class TIRM(nn.Module):
     decoder_pos_embed: str = "sincos"
     fusion: str = "channel"  # "channel" | "sequence"
     identity_pos_embed: bool = False  # a learned embedding per identity row (module docstring)
+    token_indexing: str = "patch"  # | "released" (module docstring)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -57,6 +66,10 @@ class TIRM(nn.Module):
         grid = self.image_size // self.patch_size
         num_patches = grid * grid
         batch = images.shape[0]
+        released = self.token_indexing == "released"
+        if released and self.decoder_pos_embed != "learned":
+            raise ValueError("token_indexing='released' needs decoder_pos_embed='learned' (the "
+                             "release's N + 1 learned rows)")  # fmt: skip
 
         encoded = vit.ViTEncoder(
             self.patch_size,
@@ -66,10 +79,12 @@ class TIRM(nn.Module):
             self.encoder_heads,
             self.encoder_mlp_dim,
             self.pos_embed,
+            token_indexing=self.token_indexing,
             name="encoder",
             **kw,
         )(images, keep_idx)
-        visible = encoded[:, 1:]  # the class token carries no patch; the decoder needs patches
+        # The class token carries no patch; the decoder needs patches ("released": none added).
+        visible = encoded if released else encoded[:, 1:]
         identity = target_identity.astype(self.dtype)
         if self.identity_pos_embed:
             rows = self.param(
@@ -95,14 +110,16 @@ class TIRM(nn.Module):
         mask_token = self.param(
             "mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width), self.param_dtype
         )
+        extra = int(released)  # the release's always-masked token N
         x = jnp.broadcast_to(
-            mask_token.astype(tokens.dtype), (batch, num_patches, self.decoder_width)
+            mask_token.astype(tokens.dtype), (batch, num_patches + extra, self.decoder_width)
         )
         x = masking.scatter_tokens(x, keep_idx, tokens)
         x = vit.PositionEmbedding(
             grid,
             grid,
             self.decoder_pos_embed,
+            num_prefix=extra,  # one more learned row; rows stay in sequence order
             param_dtype=self.param_dtype,
             name="decoder_pos_embed",
         )(x)

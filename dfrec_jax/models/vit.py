@@ -148,6 +148,9 @@ class ViTEncoder(nn.Module):
 
     `__call__(images, keep_idx)` embeds all patches, adds position embeddings, keeps the tokens
     at `keep_idx` [B, M], prepends the class token and runs the blocks: returns [B, 1 + M, width].
+    `token_indexing="released"` (the DFREC release, through lightly's MAEBackbone): keep_idx
+    indexes the class-token-PREFIXED sequence (index 0 = the class token, j = patch j - 1) and
+    no class token is added: returns [B, M, width].
     Embedding before selection keeps every shape static; the cost of embedding the masked
     patches is one small matmul.
     """
@@ -159,6 +162,7 @@ class ViTEncoder(nn.Module):
     num_heads: int
     mlp_dim: int
     pos_embed: str = "learned"
+    token_indexing: str = "patch"  # | "released"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -182,8 +186,14 @@ class ViTEncoder(nn.Module):
         x = PositionEmbedding(
             grid, grid, self.pos_embed, num_prefix=1, param_dtype=self.param_dtype, name="pos_embed"
         )(jnp.concatenate([cls, x], axis=1))
-        cls, patches = x[:, :1], x[:, 1:]
-        x = jnp.concatenate([cls, masking.take_tokens(patches, keep_idx)], axis=1)
+        if self.token_indexing == "released":
+            x = masking.take_tokens(x, keep_idx)
+        elif self.token_indexing == "patch":
+            cls, patches = x[:, :1], x[:, 1:]
+            x = jnp.concatenate([cls, masking.take_tokens(patches, keep_idx)], axis=1)
+        else:
+            raise ValueError(f"token_indexing must be 'patch' or 'released', got "
+                             f"{self.token_indexing!r}")  # fmt: skip
         for i in range(self.depth):
             x = Block(self.num_heads, self.mlp_dim, name=f"blocks_{i}", **kw)(x)
         return nn.LayerNorm(epsilon=_LN_EPS, name="norm", **kw)(x)

@@ -36,9 +36,13 @@ Not mapped exactly (listed in Report.missing or described here, never silent):
     The release writes the kept tokens and reads the predictions at decoder positions equal to
     the PATCH index (its masking indices are not shifted by the class token), so row j has
     been trained as the position of patch j: rows 0..N-1 are kept and the LAST row, which only
-    ever sits on an extra always-masked token, is dropped (not the first).
-  * Model behaviour that differs from the released code whatever the weights (so converted
-    outputs are close to, not bit-equal with, the PyTorch release):
+    ever sits on an extra always-masked token, is dropped (not the first). With
+    tirm.token_indexing="released" the decoder has the release's 1 + N tokens: all rows kept.
+  * `threshold` (MAE(para=True) only) fills params/masking_threshold when the model has one
+    (masking_threshold="learned"); otherwise it is reported unexpected.
+  * Model behaviour that differs from the released code whatever the weights, unless the
+    config asks for it (configs/official.py `exact=released`, which sets all of them; then the
+    outputs equal the release's, tests/test_released_parity.py):
       - efficientnet_pytorch pads the stride-2 convs before the dilated stage (stem, blocks
         1, 3, 5) TF-"SAME" for a 224 input (0/1 or 1/2 px); ours pads symmetrically;
       - smp's output-stride-16 dilation covers `_blocks[9:]`, i.e. also blocks 9-10 (the last
@@ -49,8 +53,8 @@ Not mapped exactly (listed in Report.missing or described here, never silent):
         offset and encodes them without a separate class token, and its decoder runs 197
         tokens (one extra, always masked); ours encodes the right patches plus the class token
         and decodes exactly the 196 patch tokens (configs/official.py);
-      - a learned masking `threshold` (MAE(para=True)) has no counterpart: our official
-        masking uses the fixed 250 and the key is reported unexpected.
+      - a learned masking `threshold` (MAE(para=True)): our official masking uses the fixed
+        250 unless masking_threshold="learned".
 A .safetensors file with keys "<group>.<name>" (e.g. "recover1_state_dict.Conv1.conv.0.weight")
 is read as well.
 """
@@ -215,11 +219,12 @@ def tirm_rules(cfg, state, grid: int) -> list[Rule]:
     rules += dense_rules("tirm/decoder_pred", p + "decoder.prediction_head")
     rules.append(Rule("params/tirm/mask_token", p + "mask_token"))
     if cfg.get("decoder_pos_embed", "learned") == "learned":
+        released = cfg.get("token_indexing", "patch") == "released"
         rules.append(
             Rule(
                 "params/tirm/decoder_pos_embed/pos_embed",
                 p + "decoder.pos_embedding",
-                lambda pos: decoder_pos_embed(pos, grid),
+                np.asarray if released else lambda pos: decoder_pos_embed(pos, grid),
             )
         )
     return rules
@@ -228,11 +233,14 @@ def tirm_rules(cfg, state, grid: int) -> list[Rule]:
 def released_rules(model_cfg, state) -> list[Rule]:
     """Every rule for a DFREC built from `model_cfg` (a `config.model` ConfigDict)."""
     grid = model_cfg["image_size"] // model_cfg["patch_size"]
-    return (
+    rules = (
         ism_rules(model_cfg["ism"], state)
         + sirm_rules(model_cfg["sirm"], state)
         + tirm_rules(model_cfg["tirm"], state, grid)
     )
+    if model_cfg.get("masking_threshold", "fixed") == "learned":
+        rules.append(Rule("params/masking_threshold", f"{TIRM}:threshold"))
+    return rules
 
 
 def convert_released_checkpoint(
@@ -245,12 +253,18 @@ def convert_released_checkpoint(
     whose leaves the release cannot fill are kept; by default those leaves are zeros. Report
     keys are "<group>:<name>" with group state_dict / recover1_state_dict / recover2_state_dict.
     """
+    return convert_released_state(read_released(path), config, variables)
+
+
+def convert_released_state(
+    state: Mapping[str, np.ndarray], config: Any = None, variables: Any = None
+) -> tuple[dict, Report]:
+    """`convert_released_checkpoint` of a `read_released` result (the file read once)."""
     if config is None:
         from configs import official  # the repository's config files, not the package
 
         config = official.get_config()
     model_cfg = config["model"] if "model" in config else config
-    state = read_released(path)
     base = variables
     if base is None:
         base = template(inference.abstract_variables(DFREC.from_config(model_cfg)))
