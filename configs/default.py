@@ -101,10 +101,67 @@ def loss_config():
     )
 
 
+# FaceForensics++ frames per video at paper scale: the official train split has 720 target
+# videos per method, x 140 = 100,800 training images per method (the paper's 100k / 20k / 20k).
+PAPER_FRAMES_PER_VIDEO = 140
+
+# The paired-image builders' options (data_pipelines/builders/paired_images.py).
+_PAIRED_OPTIONS = dict(
+    include_pristine=True,
+    split_fractions=(0.8, 0.1, 0.1),
+    split_salt="dfrec",
+    diff_threshold=20.0,
+    mask_close=0.04,
+    min_region=0.002,
+    mask_dilate=0,
+    landmark_batch=64,
+    cache_size=512,
+)
+
+
+def builder_options(dataset: str, frames_per_video: int = PAPER_FRAMES_PER_VIDEO) -> dict:
+    """The options of `dataset`'s TFDS builder besides image_size and methods, each settable as
+    --config.data.<option> (the `dataset=` config arg adds them to config.data). Values are the
+    builders' defaults (tests/test_datasets.py holds them equal) except FaceForensics++'
+    frames_per_video, paper scale here. Field meanings: each builder's config docstring."""
+    if dataset == "faceforensics":
+        return dict(
+            compression="c23",  # raw | c23 | c40, as the download script names its folders
+            frames_per_video=frames_per_video,
+            include_pristine=True,
+            min_face_confidence=0.9,
+            min_face_size=20,
+            detect_max_side=640,
+            mask_threshold=127,
+            diff_threshold=20.0,
+            mask_close=0.04,
+            min_region=0.002,
+            mask_dilate=0,
+            landmark_batch=64,
+            cache_videos=64,
+        )
+    if dataset == "celeba_megafs":
+        return dict(
+            _PAIRED_OPTIONS,
+            originals_dirs=("CelebA-HQ-img", "CelebA-HQ", "CelebAMask-HQ/CelebA-HQ-img"),
+            swap_pattern=r"^(?P<target>\d+)_(?P<source>\d+)\.(?:jpe?g|png)$",
+            identity_files=("identity_CelebA-HQ.txt",),
+        )
+    if dataset == "ffhq_e4s":
+        return dict(
+            _PAIRED_OPTIONS,
+            originals_dirs=("ffhq", "FFHQ", "images1024x1024"),
+            swap_pattern=r"^swap_(?P<source>\d+)_to_(?P<target>\d+)\.(?:png|jpe?g)$",
+            identity_files=("identity_ffhq.txt",),
+        )
+    return {}  # lfw_swap: its options are the common keys below
+
+
 def data_config(image_size=224, dataset="lfw_swap"):
     """What to read and how to batch it (data_pipelines/; README "Data")."""
     return ml_collections.ConfigDict(
         dict(
+            **builder_options(dataset),
             # lfw_swap (built from an LFW-layout folder), faceforensics, celeba_megafs, ffhq_e4s.
             dataset=dataset,
             data_dir=configlib.data_dir(),  # where TFDS keeps prepared datasets

@@ -1,6 +1,8 @@
 """One entry point from `config.data` to a prepared TFDS builder, whatever the dataset."""
 
+import dataclasses
 import logging
+import os
 import time
 
 import tensorflow_datasets as tfds
@@ -53,11 +55,28 @@ def get_builder(data) -> tfds.core.DatasetBuilder:
         )
     elif data.dataset == "faceforensics":
         chosen = {"methods": methods} if methods else {}
-        config = module.make_config(image_size=data.image_size, **chosen)
+        config = module.make_config(image_size=data.image_size, **chosen, **options(data))
     else:
         chosen = _chosen_methods(module.DEFAULT_CONFIG.method_dirs, methods)
-        config = module.make_config(image_size=data.image_size, **chosen)
+        config = module.make_config(image_size=data.image_size, **chosen, **options(data))
     return module.BUILDER(config=config, data_dir=data.data_dir)
+
+
+# Fields of a builder config that are not builder options (tfds' own, or set above).
+_NOT_OPTIONS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)} | {
+    "image_size", "methods", "method_dirs"}  # fmt: skip
+
+
+def option_names(dataset: str) -> list[str]:
+    """The builder options of `dataset` that config.data may set (configs/default.py
+    builder_options adds them for the `dataset=` config arg)."""
+    default = _builder_module(dataset).make_config()
+    return [f.name for f in dataclasses.fields(default) if f.name not in _NOT_OPTIONS]
+
+
+def options(data) -> dict:
+    """The builder options config.data sets (a config made for another dataset has none)."""
+    return {k: data[k] for k in option_names(data.dataset) if k in data}
 
 
 def _download_config(data) -> tfds.download.DownloadConfig:
@@ -68,14 +87,33 @@ def _download_config(data) -> tfds.download.DownloadConfig:
 
 
 def prepare(data) -> tfds.core.DatasetBuilder:
-    """The builder, prepared (built once into data.data_dir, reused afterwards)."""
+    """The builder, prepared (built once into data.data_dir, reused afterwards). A builder
+    that records its input folder's fingerprint (lfw_swap) is rebuilt when the folder it reads
+    now differs from the one it was built from; the stale copy is kept beside it, renamed."""
     builder = get_builder(data)
+    if builder.is_prepared() and _stale(builder):
+        stale = f"{builder.data_dir}.stale-{time.strftime('%Y%m%dT%H%M%S')}"
+        logging.warning("%s was built from another input folder than the one configured "
+                        "now: rebuilding (the old build is kept as %s)", builder.info.full_name,
+                        stale)  # fmt: skip
+        os.rename(builder.data_dir, stale)
+        builder = get_builder(data)
     if not builder.is_prepared():
         start = time.perf_counter()
         logging.info("building %s into %s", builder.info.full_name, builder.data_dir)
         builder.download_and_prepare(download_config=_download_config(data))
         logging.info("built %s in %.0f s", builder.info.full_name, time.perf_counter() - start)
     return builder
+
+
+def _stale(builder) -> bool:
+    """True when the builder's input folder no longer has the fingerprint it was built from."""
+    fingerprint = getattr(builder, "source_fingerprint", None)
+    if fingerprint is None:
+        return False
+    built = (builder.info.metadata or {}).get("source_fingerprint")
+    now = fingerprint()
+    return built is not None and now is not None and built != now
 
 
 def describe(builder: tfds.core.DatasetBuilder) -> dict:

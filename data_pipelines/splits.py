@@ -42,6 +42,17 @@ def require_dir(path: str, dataset: str, layout: str) -> str:
 LFW_LAYOUT = "<root>/<Person_Name>/<Person_Name>_NNNN.jpg (LFW's folder per person)"
 
 
+def folder_fingerprint(people: dict[str, list[str]]) -> str:
+    """sha256 (16 hex) of a scanned folder's listing: each file's person/name and size. Equal
+    for a copy of the same files elsewhere, different when a file is added, removed, renamed
+    or resized (a build records it; `datasets.prepare` rebuilds when it changes)."""
+    digest = hashlib.sha256()
+    for person, paths in sorted(people.items()):
+        for path in paths:
+            digest.update(f"{person}/{os.path.basename(path)}:{os.path.getsize(path)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def scan_lfw(root: str) -> dict[str, list[str]]:
     """Person -> sorted image paths for an LFW-layout folder; people sorted by name."""
     require_dir(root, "lfw", LFW_LAYOUT)

@@ -120,3 +120,71 @@ def test_dataset_and_method_config_args_select_the_data():
     assert tuple(default.get_config().data.methods) == ()
     with pytest.raises(ValueError, match="unknown methods"):
         datasets.get_builder(default.get_config("dataset=ffhq_e4s,method=FTM").data)
+
+
+@pytest.mark.parametrize("dataset", ["faceforensics", "celeba_megafs", "ffhq_e4s", "lfw_swap"])
+def test_every_builder_option_is_a_config_key_with_the_builders_default(dataset):
+    """configs/default.py builder_options mirrors each builder's config (without importing the
+    builders: configs load where TensorFlow is absent); only FF++ frames_per_video differs."""
+    from configs import default
+
+    data = default.get_config(f"dataset={dataset}").data
+    module = datasets._builder_module(dataset)
+    names = datasets.option_names(dataset)
+    if dataset == "lfw_swap":  # its options are config.data's common keys
+        assert set(names) <= set(data.keys()), set(names) - set(data.keys())
+        return
+    assert sorted(default.builder_options(dataset)) == sorted(names)
+    for name in names:
+        want = getattr(module.DEFAULT_CONFIG, name)
+        if (dataset, name) == ("faceforensics", "frames_per_video"):
+            assert (want, data[name]) == (8, default.PAPER_FRAMES_PER_VIDEO)  # paper scale
+            continue
+        assert tuple(data[name]) == tuple(want) if isinstance(want, tuple) else data[name] == want
+
+
+def test_builder_options_reach_the_builder_from_the_command_line():
+    from configs import default
+
+    config = default.get_config("dataset=faceforensics")
+    builder = datasets.get_builder(config.data).builder_config
+    assert (builder.compression, builder.frames_per_video) == ("c23", 140)
+    assert builder.methods == ("Deepfakes", "FaceShifter", "FaceSwap")  # identity swaps only
+    config.data.update(compression="c40", frames_per_video=30, mask_dilate=2)
+    builder = datasets.get_builder(config.data).builder_config
+    assert (builder.compression, builder.frames_per_video, builder.mask_dilate) == ("c40", 30, 2)
+    megafs = default.get_config("dataset=celeba_megafs").data
+    megafs.update(split_fractions=(0.7, 0.1, 0.2), identity_files=("ids.txt",))
+    builder = datasets.get_builder(megafs).builder_config
+    assert builder.split_fractions == (0.7, 0.1, 0.2) and builder.identity_files == ("ids.txt",)
+
+
+def test_faceforensics_compression_and_methods_are_checked(caplog):
+    from data_pipelines.builders import faceforensics
+
+    assert faceforensics.make_config(compression="raw").compression == "raw"
+    with pytest.raises(ValueError, match="lossless folder is `raw`"):
+        faceforensics.make_config(compression="c0")
+    with pytest.raises(ValueError, match="non-empty subset"):
+        faceforensics.make_config(methods=("Deepfakes", "DeepFakeDetection"))
+    with caplog.at_level("WARNING"):
+        config = faceforensics.make_config(methods=("Deepfakes", "Face2Face"))
+    assert config.methods == ("Deepfakes", "Face2Face")
+    assert "Face2Face reenact expressions" in caplog.text
+
+
+def test_build_data_fails_only_on_the_missing_download():
+    """The issue's command line: every option is accepted; the one error is the folder."""
+    command = [
+        sys.executable, "-m", "dfrec_jax", "build_data",
+        "--config", "configs/default.py:dataset=faceforensics",
+        "--config.data.compression=c40", "--config.data.frames_per_video=140",
+        "--config.data.manual_dir=MISSING",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=configlib.REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert errors[0].startswith("error: faceforensics: folder not found: 'MISSING'"), errors

@@ -1,6 +1,7 @@
 """The lfw_swap TFDS builder end to end on a tiny LFW-layout tree of real faces plus bad files:
 splits, mask/label consistency of every example, determinism, skip counts, 224, errors."""
 
+import glob
 import json
 import os
 import shutil
@@ -297,3 +298,44 @@ def test_samples_for_recover_are_the_stored_examples(built, tmp_path):
     assert listed == records
     with pytest.raises(ValueError, match="no split 'nope'"):
         samples.write_samples(builder, "nope", str(tmp_path))
+
+
+def test_raw_lfw_is_refused_before_anything_is_cached(tree, tmp_path):
+    """Raw 250x250 LFW (or any folder without one usable face): one line, and no empty dataset
+    left prepared for the next run to reuse."""
+    raw = tmp_path / "raw_lfw"
+    for person, paths in list(tree["people"].items())[:3]:
+        os.makedirs(raw / person)
+        Image.open(paths[0]).resize((250, 250)).save(raw / person / os.path.basename(paths[0]))
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(splits.DatasetLayoutError) as err:
+        _build({"root": str(raw)}, data_dir)
+    message = str(err.value)
+    assert "\n" not in message and "no usable face" in message and "250x250" in message
+    assert "3 unexpected size (not 112x112)" in message
+    again = lfw_swap.LfwSwap(config=lfw_swap.make_config(lfw_dir=str(raw)), data_dir=str(data_dir))
+    assert not again.is_prepared()
+
+
+def test_a_changed_folder_is_rebuilt(tree, tmp_path):
+    """datasets.prepare compares the folder's fingerprint with the build's: the same files
+    elsewhere reuse the build, a changed folder rebuilds it (the old one kept aside)."""
+    from configs import demo
+    from data_pipelines import datasets
+
+    folder = tmp_path / "lfw"
+    shutil.copytree(tree["root"], folder)
+    data = demo.get_config().data
+    data.update(lfw_dir=str(folder), data_dir=str(tmp_path / "tfds"), image_size=112)
+    first = datasets.prepare(data)
+    sizes = {s: i.num_examples for s, i in first.info.splits.items()}
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    data.lfw_dir = str(moved)
+    assert datasets.prepare(data).data_dir == first.data_dir  # same files: reused
+    assert not glob.glob(f"{first.data_dir}.stale-*")
+    person = next(p for p in tree["people"] if splits.identity_split(p) == "train")
+    shutil.rmtree(moved / person)  # the folder changes
+    rebuilt = datasets.prepare(data)
+    assert rebuilt.data_dir == first.data_dir and len(glob.glob(f"{first.data_dir}.stale-*")) == 1
+    assert rebuilt.info.splits["train"].num_examples < sizes["train"]

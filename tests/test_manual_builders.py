@@ -95,11 +95,7 @@ def test_faceforensics_builds_every_split_with_consistent_examples(ff):
     # FaceSwap 002_003 + pristine 002, 003; test: pristine 004 (004_005 has no source video).
     assert {s: len(v) for s, v in data.items()} == {"test": 3, "train": 12, "validation": 9}
     assert builder.info.metadata["methods"] == ["Deepfakes", "FaceSwap"]
-    assert builder.info.metadata["missing_methods"] == [
-        "Face2Face",
-        "NeuralTextures",
-        "FaceShifter",
-    ]
+    assert builder.info.metadata["missing_methods"] == ["FaceShifter"]  # identity swaps only
     for examples in data.values():
         for ex in examples:
             check_example(ex)
@@ -315,3 +311,19 @@ def test_derive_mask_finds_the_pasted_region_and_nothing_else():
     assert mask.shape == (224, 224, 1) and mask.dtype == np.uint8
     assert iou(mask, fixtures_manual.face_ellipse(224)) > 0.9
     assert not paired_images.derive_mask(target, target).any()
+
+
+def test_faceforensics_reads_the_lossless_raw_folder(tmp_path):
+    """The download script's `-c raw` tree: compression="raw" reads it; the default c23 names
+    the folder it did not find, in one line."""
+    fixtures_manual.write_faceforensics(str(tmp_path / "manual"), compression="raw")
+    config = faceforensics.make_config(
+        compression="raw", frames_per_video=1, methods=("Deepfakes",), landmark_batch=LANDMARK_BATCH
+    )
+    builder = prepare(faceforensics.FaceForensics, config, tmp_path / "tfds", tmp_path / "manual")
+    data = load(builder)
+    fakes = {(e["target_id"], e["source_id"]) for x in data.values() for e in x if e["label"]}
+    assert fakes == {(b"000", b"001"), (b"001", b"000")}  # Deepfakes' two readable pairs
+    with pytest.raises(splits.DatasetLayoutError, match="youtube/c23/videos"):
+        prepare(faceforensics.FaceForensics, faceforensics.make_config(), tmp_path / "tfds2",
+                tmp_path / "manual")  # fmt: skip

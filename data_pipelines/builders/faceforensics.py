@@ -1,7 +1,7 @@
 """`faceforensics`: FaceForensics++ face swaps as aligned frames, from manual_dir.
 
-Expected tree (what FaceForensics++' download script writes with `-c c23 -t videos`, and
-`-t masks` for the masks; `<c>` = the `compression` config field, c23 by default):
+Expected tree (what FaceForensics++' download script writes with `-c <c> -t videos`, and
+`-t masks` for the masks; `<c>` = the `compression` config field: raw, c23 (default) or c40):
 
     <manual_dir>/
       original_sequences/youtube/<c>/videos/NNN.mp4          the 1000 real videos, 000..999
@@ -11,9 +11,14 @@ Expected tree (what FaceForensics++' download script writes with `-c c23 -t vide
       splits/{train,val,test}.json                           the official splits: lists of
                                                              ["TTT", "SSS"] id pairs
 
-Methods read (config `methods`): Deepfakes, FaceSwap, Face2Face, NeuralTextures, FaceShifter;
-only those whose folder exists are read, the others are listed in metadata["missing_methods"]
-(an error only if none exists). DeepFakeDetection (actors' videos, other naming) is not read.
+Methods read (config `methods`): by default the identity swaps Deepfakes, FaceShifter and
+FaceSwap (the paper's FF++ rows are DeepFake, FaceShifter and LCR); the expression reenactment
+methods Face2Face and NeuralTextures only when asked, with a warning: they keep the target's
+identity, so their `source` and masks mean nothing for identity recovery. Only methods whose
+folder exists are read, the others are listed in metadata["missing_methods"] (an error only if
+none exists). DeepFakeDetection (actors' videos, other naming) is not read.
+Compression (config `compression`): raw | c23 | c40, the download script's folder names
+(`-c raw` is the lossless one; there is no `c0` folder).
 
 Sources: github.com/ondyari/FaceForensics, dataset/README.md (folder structure, download
 script options `-d <method> -c <c0|c23|c40> -t <videos|masks>`, `<target>_<source>` naming)
@@ -59,7 +64,10 @@ from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerato
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("Deepfakes", "FaceSwap", "Face2Face", "NeuralTextures", "FaceShifter")
+IDENTITY_SWAPS = ("Deepfakes", "FaceShifter", "FaceSwap")
+REENACTMENT = ("Face2Face", "NeuralTextures")  # the target's identity stays: not identity swaps
+DEFAULT_METHODS = IDENTITY_SWAPS
+COMPRESSIONS = ("raw", "c23", "c40")
 SPLIT_FILES = {"train": "train.json", "validation": "val.json", "test": "test.json"}
 _FAKE_NAME = re.compile(r"^(?P<target>\d+)_(?P<source>\d+)\.mp4$")
 
@@ -67,8 +75,8 @@ _FAKE_NAME = re.compile(r"^(?P<target>\d+)_(?P<source>\d+)\.mp4$")
 MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__.split("\n\n", 1)[1].split("\nMethods read")[0]
 
 LAYOUT = (
-    "<manual_dir>/original_sequences/youtube/<c23>/videos/NNN.mp4, "
-    "<manual_dir>/manipulated_sequences/<Method>/<c23>/videos/TTT_SSS.mp4, optional "
+    "<manual_dir>/original_sequences/youtube/<raw|c23|c40>/videos/NNN.mp4, "
+    "<manual_dir>/manipulated_sequences/<Method>/<raw|c23|c40>/videos/TTT_SSS.mp4, optional "
     "<manual_dir>/manipulated_sequences/<Method>/masks/videos/TTT_SSS.mp4, "
     "<manual_dir>/splits/{train,val,test}.json (FaceForensics++ download script + official splits)"
 )
@@ -78,7 +86,7 @@ LAYOUT = (
 class FaceForensicsConfig(tfds.core.BuilderConfig):
     """Options (see the module docstring).
 
-    image_size: side of the aligned crops. compression: c0 / c23 / c40 folder.
+    image_size: side of the aligned crops. compression: raw / c23 / c40 folder.
     methods: manipulation folders to read. frames_per_video: evenly spaced frames per video.
     include_pristine: original videos' frames as label-0 examples.
     min_face_confidence, min_face_size: MTCNN settings. Keep min_face_size at 20: mtcnn 1.0.0
@@ -112,7 +120,23 @@ DEFAULT_CONFIG = FaceForensicsConfig(name="default", description="FaceForensics+
 
 
 def make_config(**overrides) -> FaceForensicsConfig:
-    """The default config with `overrides` (any FaceForensicsConfig field), named accordingly."""
+    """The default config with `overrides` (any FaceForensicsConfig field), named accordingly;
+    compression and methods checked (module docstring)."""
+    compression = overrides.get("compression", DEFAULT_CONFIG.compression)
+    if compression not in COMPRESSIONS:
+        hint = " (the download script's lossless folder is `raw`)" if compression == "c0" else ""
+        raise ValueError(f"faceforensics compression must be one of {', '.join(COMPRESSIONS)}, "
+                         f"got {compression!r}{hint}")  # fmt: skip
+    methods = tuple(overrides.get("methods", DEFAULT_METHODS))
+    unknown = [m for m in methods if m not in IDENTITY_SWAPS + REENACTMENT]
+    if unknown or not methods:
+        raise ValueError(f"faceforensics methods must be a non-empty subset of "
+                         f"{IDENTITY_SWAPS + REENACTMENT}, got {methods}")  # fmt: skip
+    reenactment = [m for m in methods if m in REENACTMENT]
+    if reenactment:
+        log.warning("faceforensics: %s reenact expressions (the identity stays the target's): "
+                    "their source and masks mean nothing for identity recovery",
+                    ", ".join(reenactment))  # fmt: skip
     return paired_images.named_config(FaceForensicsConfig, DEFAULT_CONFIG, **overrides)
 
 

@@ -290,10 +290,18 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
         skipped = self.info.metadata.get("skipped", {}) if self.info.metadata else {}
         return {split: dict(reasons) for split, reasons in skipped.items()}
 
+    def source_fingerprint(self) -> str | None:
+        """The LFW folder's listing fingerprint (splits.folder_fingerprint); None when the
+        folder is absent (a prepared copy is then used as it is)."""
+        if not os.path.isdir(self.lfw_dir):
+            return None
+        return splits.folder_fingerprint(splits.scan_lfw(self.lfw_dir))
+
     def _split_generators(self, dl_manager):
         del dl_manager  # offline: everything comes from the LFW folder
         cfg = self.builder_config
         people = splits.scan_lfw(self.lfw_dir)
+        self.info.metadata["source_fingerprint"] = splits.folder_fingerprint(people)
         if cfg.max_people:
             people = dict(list(people.items())[: cfg.max_people])
         by_split = {name: {} for name in splits.SPLITS}
@@ -301,7 +309,7 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
             by_split[splits.identity_split(person)][person] = paths
         self.info.metadata["lfw_dir"] = os.path.abspath(self.lfw_dir)
         self.info.metadata["skipped"] = {}
-        generators = {}
+        generators, reasons = {}, {}
         for split, split_people in by_split.items():
             counter = skips.SkipCounter(f"lfw_swap/{cfg.name}/{split}")
             faces = self._usable_faces(split_people, counter)
@@ -310,6 +318,14 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
             else:
                 log.warning("lfw_swap: split %s has no usable faces; it is left out", split)
                 self._record_skips(split, counter)
+                for reason, n in counter.summary().items():
+                    reasons[reason] = reasons.get(reason, 0) + n
+        if not generators:  # refused before anything is written: no empty dataset is cached
+            why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "no images"
+            raise splits.DatasetLayoutError(
+                f"lfw_swap: no usable face in {self.lfw_dir!r} ({why}); it needs aligned "
+                f"{NATIVE_SIZE}x{NATIVE_SIZE} LFW faces (README \"Data\"), not raw 250x250 LFW"
+            )
         return generators
 
     def _usable_faces(self, people: dict[str, list[str]], counter) -> list[_Face]:
