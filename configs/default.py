@@ -110,6 +110,7 @@ _PAIRED_OPTIONS = dict(
     include_pristine=True,
     split_fractions=(0.8, 0.1, 0.1),
     split_salt="dfrec",
+    split_by="pair",  # "target": keep every swap in its target's split (paired_images.py)
     diff_threshold=20.0,
     mask_close=0.04,
     min_region=0.002,

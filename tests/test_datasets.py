@@ -188,3 +188,14 @@ def test_build_data_fails_only_on_the_missing_download():
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, done.stderr[-2000:]
     assert errors[0].startswith("error: faceforensics: folder not found: 'MISSING'"), errors
+
+
+def test_pair_split_measurement_accounts_for_every_swap():
+    from data_pipelines import measure_pair_splits
+
+    rows = measure_pair_splits.measure(images=3000, people=600)
+    assert sum(r["targets"] for r in rows) == 3000  # every swap in exactly one split
+    for r in rows:
+        assert r["pair_keeps"] + r["pair_drops"] == r["targets"] == r["target_keeps"]
+    held_out = [r for r in rows if r["split"] != "train"]
+    assert all(r["pair_keeps"] < 0.25 * r["targets"] for r in held_out)  # ~f: 10% kept

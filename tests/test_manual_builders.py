@@ -327,3 +327,36 @@ def test_faceforensics_reads_the_lossless_raw_folder(tmp_path):
     with pytest.raises(splits.DatasetLayoutError, match="youtube/c23/videos"):
         prepare(faceforensics.FaceForensics, faceforensics.make_config(), tmp_path / "tfds2",
                 tmp_path / "manual")  # fmt: skip
+
+
+def test_megafs_split_by_target_keeps_cross_split_pairs_and_finds_nested_identities(
+    megafs, tmp_path, caplog
+):
+    """The same tree with CelebAMask-HQ's mapping file and CelebA's identity file in their own
+    sub-folders instead of identity_CelebA-HQ.txt, and split_by="target": the persons come
+    from the mapping, the cross-split swap 0_6 is kept in its target's split and reported; the
+    default build dropped and reported it."""
+    builder, data, info = megafs
+    assert builder.info.metadata["split_by"] == "pair"
+    assert builder.info.metadata["cross_split_pairs"] == {"train": 1, "validation": 0, "test": 0}
+    manual = tmp_path / "manual"
+    fixtures_manual.write_celeba_megafs(str(manual))
+    os.makedirs(manual / "CelebAMask-HQ")
+    os.remove(manual / "identity_CelebA-HQ.txt")
+    os.makedirs(manual / "CelebA" / "Anno")
+    with open(manual / "CelebAMask-HQ" / celeba_megafs.CELEBA_MAPPING, "w") as f:
+        f.write("idx orig_idx orig_file\n")
+        f.writelines(f"{i} {5000 + int(i)} {5001 + int(i):06d}.jpg\n" for i in info["person_of"])
+    with open(manual / "CelebA" / "Anno" / celeba_megafs.CELEBA_IDENTITY, "w") as f:
+        f.writelines(f"{5001 + int(i):06d}.jpg {p}\n" for i, p in info["person_of"].items())
+    config = celeba_megafs.make_config(landmark_batch=LANDMARK_BATCH, split_by="target")
+    with caplog.at_level("WARNING"):
+        kept = prepare(celeba_megafs.CelebaMegafs, config, tmp_path / "tfds", manual)
+    assert kept.info.metadata["identity_source"] == "file"
+    assert kept.info.metadata["cross_split_pairs"] == {"train": 1, "validation": 0, "test": 0}
+    assert "train: 1 of 9 swaps have their source person in another split: kept" in caplog.text
+    sizes = {s: n + (s == "train") for s, n in info["sizes"].items()}  # + the swap 0_6
+    assert {s: len(v) for s, v in load(kept).items()} == sizes
+    assert "cross-split pair" not in kept.skip_summary()["train"]
+    persons = {e["target_id"].decode() for x in load(kept).values() for e in x}
+    assert persons <= set(info["person_of"].values())  # persons, not image ids

@@ -24,10 +24,12 @@ folder named above or pass your names through `make_config`. The CelebA-HQ offse
 file names of CelebAMask-HQ's CelebA-HQ-img (github.com/switchablenorms/CelebAMask-HQ).
 
 Identities and splits: CelebA-HQ has several photos of many people, so splits are by person
-when an identity file is present (`splits.identity_split` of the target's person; a swap whose
-source person falls in another split is skipped as "cross-split pair"). Without one, every
-image id is its own identity (documented weakness: two photos of one person can then land in
-different splits).
+when an identity file is present, at manual_dir or anywhere below it (`splits.identity_split`
+of the target's person; a swap whose source person falls in another split is skipped as
+"cross-split pair" with split_by="pair", the default, or kept and counted with
+split_by="target": paired_images.PairedImageConfig, README "Data"). Without one, every image
+id is its own identity, with a warning (two photos of one person can then land in different
+splits).
 
 Examples: each swap (label 1, `method` = FTM / IDInjection / LCR) with its true target and
 source originals, all resized to `image_size` (the images are already aligned faces, no
@@ -91,9 +93,11 @@ class CelebaMegafs(paired_images.PairedImageBuilder):
 
     def _identities(self, root: str) -> dict[str, str]:
         ids = super()._identities(root)
-        mapping = os.path.join(root, CELEBA_MAPPING)
-        people = os.path.join(root, CELEBA_IDENTITY)
-        if ids or not (os.path.isfile(mapping) and os.path.isfile(people)):
+        if ids:
+            return ids
+        mapping = paired_images.find_file(root, CELEBA_MAPPING)
+        people = paired_images.find_file(root, CELEBA_IDENTITY)
+        if mapping is None or people is None:
             return ids
         # CelebA-HQ offset -> CelebA file (CelebAMask-HQ) -> CelebA person id.
         person_of = paired_images.read_identity_file(people)

@@ -22,7 +22,8 @@ github.com/NVlabs/ffhq-dataset and E4S' README.
 Identities and splits: FFHQ has no identity labels; without identity_ffhq.txt every image is
 its own identity (Flickr photos of mostly distinct people). Splits are
 `splits.identity_split` of the target's identity; a swap whose source falls in another split
-is skipped as "cross-split pair".
+is skipped as "cross-split pair" (split_by="pair", default) or kept and counted
+(split_by="target"; paired_images.PairedImageConfig).
 
 Examples: each swap (label 1) with its true target and source originals resized to
 `image_size` (FFHQ images are aligned faces; no re-alignment); `mask` derived from
