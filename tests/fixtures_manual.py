@@ -187,7 +187,9 @@ def write_celeba_megafs(root: str, size: int = 256) -> dict:
 
 
 def write_ffhq_e4s(root: str, size: int = 256) -> dict:
-    """ffhq/images1024x1024/<thousands>/<NNNNN>.png + e4s/swap_<source>_to_<target>.png.
+    """ffhq/images1024x1024/<thousands>/<NNNNN>.png + e4s/swap_<source>_to_<target>.png, and
+    ffhq/BiSeNet_mask/<NNNNN>.png single-channel label maps with the faces' names (as E4S'
+    FFHQ preparation writes them; indexed first if taken for faces).
 
     No identity file: every image id is its own identity; ids are picked so that 3 land in
     train, 2 in validation and 2 in test.
@@ -201,6 +203,10 @@ def write_ffhq_e4s(root: str, size: int = 256) -> dict:
         photos[n] = _face(lfw[person][0], size)
         folder = os.path.join(root, "ffhq", "images1024x1024", f"{n // 1000 * 1000:05d}")
         write_png(os.path.join(folder, f"{n:05d}.png"), photos[n])
+        labels = (face_ellipse(size) * 7).astype(np.uint8)  # BiSeNet classes, one channel
+        masks = os.path.join(root, "ffhq", "BiSeNet_mask")
+        os.makedirs(masks, exist_ok=True)
+        Image.fromarray(labels, "L").save(os.path.join(masks, f"{n:05d}.png"))
     tr, va, te = ids["train"], ids["validation"], ids["test"]
     pairs = [(tr[0], tr[1]), (tr[2], tr[0]), (va[0], va[1]), (te[1], te[0])]  # (target, source)
     e4s = os.path.join(root, "e4s")

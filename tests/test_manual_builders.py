@@ -360,3 +360,19 @@ def test_megafs_split_by_target_keeps_cross_split_pairs_and_finds_nested_identit
     assert "cross-split pair" not in kept.skip_summary()["train"]
     persons = {e["target_id"].decode() for x in load(kept).values() for e in x}
     assert persons <= set(info["person_of"].values())  # persons, not image ids
+
+
+def test_masks_over_most_of_the_crop_are_implausible():
+    """A "swap" compared with the wrong original (another person's photo, as a wrong
+    originals folder gives) differs everywhere: its mask is refused, a real swap's is not."""
+    from tests import lfw
+
+    faces = (lfw.real_faces(4, 224) * 255).round().astype(np.uint8)
+    limit = paired_images.PairedImageConfig(name="x").max_mask_fraction
+    for a, b in ((0, 1), (2, 3)):
+        wrong = paired_images.derive_mask(faces[a], faces[b])
+        reason = paired_images.implausible_mask(wrong, limit)
+        assert reason == "implausible mask (over 85% of the image)"
+    real = paired_images.derive_mask(fixtures_manual.swap(faces[0], faces[1]), faces[0])
+    assert paired_images.implausible_mask(real, limit) is None
+    assert paired_images.implausible_mask(np.zeros_like(real), limit) == "empty mask"

@@ -95,6 +95,7 @@ class FaceForensicsConfig(tfds.core.BuilderConfig):
     detect_max_side: frames are downscaled to at most this side for detection only (FF++ faces
       are large; HD frames would make MTCNN slow); the alignment uses the full frame.
     mask_threshold: binarisation of mask-video frames (0..255).
+    max_mask_fraction: masks covering more of the crop are implausible: skipped, counted.
     diff_threshold, mask_close, min_region, mask_dilate: derived masks (paired_images).
     landmark_batch: landmark net batch. cache_videos: original videos whose crops are kept.
     """
@@ -108,6 +109,7 @@ class FaceForensicsConfig(tfds.core.BuilderConfig):
     min_face_size: int = 20
     detect_max_side: int = 640
     mask_threshold: int = 127
+    max_mask_fraction: float = 0.85
     diff_threshold: float = 20.0
     mask_close: float = 0.04
     min_region: float = 0.002
@@ -445,8 +447,9 @@ class FaceForensics(paired_images.ManualBuilder):
                     )
                 else:
                     mask = paired_images.derive_mask_with(config, image, target_crop)
-                if not mask.any():
-                    counter.skip(item, "empty mask")
+                reason = paired_images.implausible_mask(mask, config.max_mask_fraction)
+                if reason is not None:
+                    counter.skip(item, reason)
                     continue
                 source_entry = sources[source.clip(i)]
                 if isinstance(source_entry, str):

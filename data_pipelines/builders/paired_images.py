@@ -29,6 +29,7 @@ import re
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from data_pipelines import features, skips, splits
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
@@ -113,6 +114,19 @@ def derive_mask(
     return (mask * 255)[..., None]
 
 
+def implausible_mask(mask: np.ndarray, max_fraction: float) -> str | None:
+    """Why a forgery mask cannot be a face swap's region, or None: empty, or covering more
+    than `max_fraction` of the aligned crop (a face fills about half of it; a mask over
+    nearly everything means the swap and its "target" are not the same frame, e.g. a wrong
+    originals folder)."""
+    share = float(np.mean(mask > 0))
+    if share == 0.0:
+        return "empty mask"
+    if share > max_fraction:
+        return f"implausible mask (over {max_fraction:.0%} of the image)"
+    return None
+
+
 def derive_mask_with(config, fake: np.ndarray, target: np.ndarray) -> np.ndarray:
     """`derive_mask` with the thresholds of a builder config (diff_threshold, mask_close,
     min_region, mask_dilate fields)."""
@@ -155,19 +169,39 @@ def image_key(stem: str) -> str:
     return str(int(stem)) if stem.isdigit() else stem
 
 
+def _single_channel(path: str) -> bool:
+    """True when an image file's header says one channel (a label map or mask, not a face);
+    unreadable files are left to the decoder, which counts them."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in ("1", "L", "P", "I", "I;16", "F")
+    except (OSError, ValueError):
+        return False
+
+
 def index_images(folder: str) -> dict[str, str]:
-    """image_key(stem) -> path of every image file under `folder` (recursively, sorted)."""
+    """image_key(stem) -> path of every image file under `folder` (recursively, sorted).
+
+    A sub-folder whose first image is single-channel is an auxiliary folder (E4S' FFHQ
+    preparation writes BiSeNet label maps with the faces' names, e.g. `BiSeNet_mask/`): its
+    files are not faces and are left out, with one line naming the folder."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
-        for name in sorted(filenames):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                key = image_key(stem)
-                if key in found:
-                    log.warning("%s: duplicate image id %s, using %s", folder, key, found[key])
-                    continue
-                found[key] = os.path.join(dirpath, name)
+        images = [
+            n for n in sorted(filenames)
+            if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and not n.startswith(".")
+        ]  # fmt: skip
+        if images and _single_channel(os.path.join(dirpath, images[0])):
+            log.warning("%s: ignored %d single-channel images in %s (masks or label maps, not "
+                        "faces)", folder, len(images), dirpath)  # fmt: skip
+            continue
+        for name in images:
+            key = image_key(os.path.splitext(name)[0])
+            if key in found:
+                log.warning("%s: duplicate image id %s, using %s", folder, key, found[key])
+                continue
+            found[key] = os.path.join(dirpath, name)
     return found
 
 
@@ -445,6 +479,8 @@ class PairedImageConfig(tfds.core.BuilderConfig):
       is what target recovery is judged on) and reports how many sources come from another
       split. Random pairs lose 1 - sum(f^2) of the swaps to "pair" (34% at 0.8/0.1/0.1,
       and ~90% of validation and test): README "Data".
+    max_mask_fraction: a forgery whose mask covers more of the image is skipped and counted
+      as implausible (`implausible_mask`).
     diff_threshold, mask_close, min_region, mask_dilate: `derive_mask` (module docstring).
     landmark_batch: batch of the landmark net (one compiled program).
     cache_size: decoded originals kept in memory.
@@ -459,6 +495,7 @@ class PairedImageConfig(tfds.core.BuilderConfig):
     split_fractions: tuple = splits.DEFAULT_FRACTIONS
     split_salt: str = "dfrec"
     split_by: str = "pair"
+    max_mask_fraction: float = 0.85
     diff_threshold: float = 20.0
     mask_close: float = 0.04
     min_region: float = 0.002
@@ -624,8 +661,9 @@ class PairedImageBuilder(ManualBuilder, skip_registration=True):
                 counter.skip(rel, f"source original: {source}")
                 continue
             mask = derive_mask_with(config, fake, target)
-            if not mask.any():
-                counter.skip(rel, "empty mask (swap equals its target)")
+            reason = implausible_mask(mask, config.max_mask_fraction)
+            if reason is not None:
+                counter.skip(rel, reason if mask.any() else "empty mask (swap equals its target)")
                 continue
             yield (
                 swap.key,
