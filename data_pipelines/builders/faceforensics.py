@@ -445,8 +445,10 @@ class FaceForensics(paired_images.ManualBuilder):
                     mask = paired_images.binarise_mask(
                         alignment.warp_like(masks[i], matrix, size), config.mask_threshold
                     )
+                    mask_source = "dataset"
                 else:
                     mask = paired_images.derive_mask_with(config, image, target_crop)
+                    mask_source = "derived"
                 reason = paired_images.implausible_mask(mask, config.max_mask_fraction)
                 if reason is not None:
                     counter.skip(item, reason)
@@ -455,8 +457,10 @@ class FaceForensics(paired_images.ManualBuilder):
                 if isinstance(source_entry, str):
                     counter.skip(item, f"source: {source_entry}")
                     continue
+                key = f"{fake.method}/{fake.target}_{fake.source}/{i:06d}"
+                self._note_mask(key, mask_source)
                 yield (
-                    f"{fake.method}/{fake.target}_{fake.source}/{i:06d}",
+                    key,
                     paired_images.forgery_parts(
                         image,
                         source_entry[0],

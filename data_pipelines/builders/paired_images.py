@@ -418,14 +418,26 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         counters = {s: skips.SkipCounter(f"{self.name}/{s}") for s in splits.SPLITS}
         counters[UNSPLIT] = skips.SkipCounter(f"{self.name}/{UNSPLIT}")
         self._counters = counters
+        self._mask_sources = {s: collections.Counter() for s in splits.SPLITS}
+        self._mask_of: dict[str, str] = {}  # example key -> its mask's source, until written
         self._record_skips()
         return counters
 
+    def _note_mask(self, key: str, source: str) -> None:
+        """The forgery `key`'s mask came from `source`: "dataset" (shipped with the data, e.g.
+        FF++ mask videos) or "derived" (|fake - target|, derive_mask); counted per split in
+        metadata["mask_source"] when the example is written."""
+        self._mask_of[key] = source
+
     def _record_skips(self) -> None:
+        """Skip counts and mask sources per split into the metadata (metadata.json)."""
         self.info.metadata["skipped"] = {
             split: counter.summary()
             for split, counter in self._counters.items()
             if split != UNSPLIT or counter.total
+        }
+        self.info.metadata["mask_source"] = {
+            split: dict(sorted(counts.items())) for split, counts in self._mask_sources.items()
         }
 
     def _finish_split(self, split: str, yielded: int) -> None:
@@ -444,13 +456,18 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             landmark_detector(self.builder_config.landmark_batch), self.builder_config.image_size
         )
         yielded = 0
-        for key, parts in parts_iter:
-            for item in annotator.add(key, parts):
+        def written(items):
+            nonlocal yielded
+            for item in items:
                 yielded += 1
+                source = self._mask_of.pop(item[0], None)
+                if source is not None:
+                    self._mask_sources[split][source] += 1
                 yield item
-        for item in annotator.flush():
-            yielded += 1
-            yield item
+
+        for key, parts in parts_iter:
+            yield from written(annotator.add(key, parts))
+        yield from written(annotator.flush())
         self._finish_split(split, yielded)
 
 
@@ -665,6 +682,7 @@ class PairedImageBuilder(ManualBuilder, skip_registration=True):
             if reason is not None:
                 counter.skip(rel, reason if mask.any() else "empty mask (swap equals its target)")
                 continue
+            self._note_mask(swap.key, "derived")
             yield (
                 swap.key,
                 forgery_parts(
