@@ -43,6 +43,7 @@ faces at the same config is the user's responsibility; the path used is recorded
 metadata as `lfw_dir`).
 """
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -309,7 +310,7 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
             by_split[splits.identity_split(person)][person] = paths
         self.info.metadata["lfw_dir"] = os.path.abspath(self.lfw_dir)
         self.info.metadata["skipped"] = {}
-        generators, reasons = {}, {}
+        generators, reasons = {}, collections.Counter()
         for split, split_people in by_split.items():
             counter = skips.SkipCounter(f"lfw_swap/{cfg.name}/{split}")
             faces = self._usable_faces(split_people, counter)
@@ -318,8 +319,7 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
             else:
                 log.warning("lfw_swap: split %s has no usable faces; it is left out", split)
                 self._record_skips(split, counter)
-                for reason, n in counter.summary().items():
-                    reasons[reason] = reasons.get(reason, 0) + n
+                reasons.update(counter.summary())
         if not generators:  # refused before anything is written: no empty dataset is cached
             why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "no images"
             raise splits.DatasetLayoutError(

@@ -620,7 +620,7 @@ class PairedImageBuilder(ManualBuilder, skip_registration=True):
         self.info.metadata["cross_split_pairs"] = crossing
         for split, n in crossing.items():
             if n:
-                total = n + len(plans[split]) - (n if config.split_by == "target" else 0)
+                total = len(plans[split]) + (n if config.split_by == "pair" else 0)
                 what = ("dropped (split_by='pair'; split_by='target' keeps them)"
                         if config.split_by == "pair" else "kept with a source person from "
                         "another split (split_by='target')")  # fmt: skip

@@ -28,9 +28,9 @@ class DFREC(nn.Module):
     mask_ratio: float
     masking_variant: str
     ism: ISM
-    # "fixed" | "learned": the release's MAE(para=True) threshold, a parameter (masking.py).
     sirm: SIRM
     tirm: TIRM
+    # "fixed" | "learned": the release's MAE(para=True) threshold, a parameter (masking.py).
     masking_threshold: str = "fixed"
 
     @nn.compact
