@@ -202,7 +202,7 @@ def _one_line(error: BaseException) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean a bad path, value or input (TensorFlow's only if it is
     already imported: it is never imported for this)."""
-    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError, bench.PeerUnavailableError)
     tf = sys.modules.get("tensorflow")
     if tf is not None and hasattr(tf, "errors"):
         errors += (tf.errors.OpError,)
@@ -325,9 +325,8 @@ def main(argv):
             return 1 if failed else 0
         else:
             batch_sizes = [int(b) for b in _BATCH.value]
-            if _WHAT.value in ("train_step", "step_profile", "memory") and not flags.FLAGS[
-                "batch"
-            ].present:
+            own_batch = ("train_step", "step_profile", "memory", "peer_torch")
+            if _WHAT.value in own_batch and not flags.FLAGS["batch"].present:
                 batch_sizes = []  # the config's global batch
             if _WHAT.value == "recover" and not flags.FLAGS["batch"].present:
                 batch_sizes = [1, 8, 32]

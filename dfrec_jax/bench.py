@@ -1,7 +1,7 @@
 """`bench`: timings printed as one JSON object per measurement.
 
     python -m dfrec_jax bench --config C
-        --what forward|input_pipeline|train_step|step_profile|recover|learning|memory
+        --what forward|input_pipeline|train_step|step_profile|recover|learning|memory|peer_torch
         [--batch ..] [--workdir W] [--steps N --eval_every M]
 
 `train_step` times the real sharded train step (model + frozen loss nets + AdamW) on
@@ -24,6 +24,11 @@ steps; the last line is the final report.
 reports one device's parameter, optimizer, argument and temporary bytes
 (dfrec_jax/step_memory.py); emulate 8 devices on a CPU with
 XLA_FLAGS=--xla_force_host_platform_device_count=8.
+
+`peer_torch` runs the train step beside a PyTorch peer of the same step (tests/torch_peer.py:
+the same network, losses, frozen weights and batch, AdamW, eager float32 PyTorch), alternating
+JAX float32 / PyTorch / JAX bfloat16 `--repeats` steps per turn, two rounds; the last line
+holds jax_img_per_s, torch_img_per_s and ratio (JAX / PyTorch). PyTorch is imported there only.
 
 `recover` times what a recovery does per batch on one device (host uint8 faces in, DFREC and
 the identity nets, every output back on the host) at batch 1/8/32 unless `--batch`;
@@ -323,6 +328,19 @@ def measure_step(train_step, state, batch, *, repeats: int, warmup: int):
     """Compiles jit `train_step(state, batch) -> (state, metrics)` (the state may be donated;
     a `step.TrainStep` brings its frozen networks' weights) and times it: returns the new
     state and compile_s, flops_per_device, times (s), loss."""
+    compiled, compile_s, flops = compile_step(train_step, state, batch)
+    state, times, metrics = time_steps(compiled, state, batch, repeats=repeats, warmup=warmup)
+    measured = {
+        "compile_s": compile_s,
+        "flops_per_device": flops,
+        "times": times,
+        "loss": float(metrics["total"]),
+    }
+    return state, measured
+
+
+def compile_step(train_step, state, batch):
+    """(callable(state, batch), compile seconds, XLA FLOPs per device) of a jitted step."""
     from dfrec_jax.train import step as step_lib
 
     start = time.perf_counter()
@@ -331,6 +349,11 @@ def measure_step(train_step, state, batch, *, repeats: int, warmup: int):
     flops = flops_of(compiled)
     if isinstance(train_step, step_lib.TrainStep):
         compiled = functools.partial(train_step.call, compiled)
+    return compiled, compile_s, flops
+
+
+def time_steps(compiled, state, batch, *, repeats: int, warmup: int = 0):
+    """`warmup` untimed then `repeats` timed steps, each synced: (state, seconds, metrics)."""
     metrics = None
     for _ in range(warmup):
         state, metrics = jax.block_until_ready(compiled(state, batch))
@@ -339,13 +362,7 @@ def measure_step(train_step, state, batch, *, repeats: int, warmup: int):
         start = time.perf_counter()
         state, metrics = jax.block_until_ready(compiled(state, batch))
         times.append(time.perf_counter() - start)
-    measured = {
-        "compile_s": compile_s,
-        "flops_per_device": flops,
-        "times": times,
-        "loss": float(metrics["total"]),
-    }
-    return state, measured
+    return state, times, metrics
 
 
 def step_report(measured: dict, batch_size: int, mesh, peak: dict) -> dict:
@@ -491,6 +508,24 @@ def bench_memory(config, batch_sizes=(), repeats: int = 0, *, loss_nets=None):
             yield {"what": "memory_fit", "mesh": records[0]["mesh"], "batch": fits}
 
 
+class PeerUnavailableError(RuntimeError):
+    """bench --what peer_torch without PyTorch or without the repository's tests/."""
+
+
+def bench_peer_torch(config, batch_sizes=(), repeats: int = 3) -> list[dict]:
+    """The JAX train step beside its PyTorch peer (tests/torch_peer.py), alternating."""
+    try:
+        from tests import torch_peer  # test-side: PyTorch is a test dependency
+    except ImportError as e:
+        raise PeerUnavailableError(
+            f"bench --what peer_torch needs PyTorch (pip install -r requirements-test.txt) "
+            f"and the repository's tests/ folder on the path (run it from the repository "
+            f"root): {e}"
+        ) from None
+    batch = int(batch_sizes[0]) if batch_sizes else int(config.data.batch_size)
+    yield from torch_peer.compare(config, batch, repeats=repeats)
+
+
 def _print_flush(line: str) -> None:
     print(line, flush=True)
 
@@ -503,6 +538,7 @@ BENCHES = {
     "learning": bench_learning,
     "step_profile": bench_step_profile,
     "memory": bench_memory,
+    "peer_torch": bench_peer_torch,
 }
 
 
