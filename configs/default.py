@@ -13,8 +13,6 @@ from dfrec_jax import configlib
 
 
 def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32"):
-    num_patches = (image_size // patch_size) ** 2
-    visible = num_patches - int(num_patches * mask_ratio)
     return ml_collections.ConfigDict(
         dict(
             image_size=image_size,
@@ -43,7 +41,9 @@ def model_config(image_size=224, patch_size=16, mask_ratio=0.5, dtype="float32")
             sirm=dict(
                 channels=(32, 64, 128, 256, 1024),
                 source_channels=512,
-                identity_tokens=visible,
+                # 0: one identity row per visible patch, derived from image_size, patch_size
+                # and mask_ratio when the model is built (what channel fusion needs).
+                identity_tokens=0,
                 gate="paper",
             ),
             tirm=dict(

@@ -344,5 +344,10 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The `dfrec-jax` command (pyproject.toml), the same as `python -m dfrec_jax`."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console_main()

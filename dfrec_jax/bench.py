@@ -39,6 +39,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -514,13 +515,16 @@ class PeerUnavailableError(RuntimeError):
 
 def bench_peer_torch(config, batch_sizes=(), repeats: int = 3) -> list[dict]:
     """The JAX train step beside its PyTorch peer (tests/torch_peer.py), alternating."""
+    from dfrec_jax import configlib
+
+    if os.path.isfile(os.path.join(configlib.REPO_ROOT, "tests", "torch_peer.py")):
+        sys.path.insert(0, configlib.REPO_ROOT)  # `dfrec-jax` puts only its own folder first
     try:
         from tests import torch_peer  # test-side: PyTorch is a test dependency
     except ImportError as e:
         raise PeerUnavailableError(
             f"bench --what peer_torch needs PyTorch (pip install -r requirements-test.txt) "
-            f"and the repository's tests/ folder on the path (run it from the repository "
-            f"root): {e}"
+            f"and the repository's tests/ folder (a checkout, not a plain pip install): {e}"
         ) from None
     batch = int(batch_sizes[0]) if batch_sizes else int(config.data.batch_size)
     yield from torch_peer.compare(config, batch, repeats=repeats)

@@ -6,7 +6,10 @@ from typing import Any
 
 import ml_collections
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository when running from a checkout (editable install or `python -m` in it); after a
+# plain `pip install .` the package sits in site-packages, and the working directory stands in.
+REPO_ROOT = _CHECKOUT if os.path.isfile(os.path.join(_CHECKOUT, "pyproject.toml")) else os.getcwd()
 # Real LFW faces live beside the repository by default; DFREC_LFW_DIR overrides.
 DEFAULT_LFW_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "lfw112")
 

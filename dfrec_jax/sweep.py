@@ -1,9 +1,9 @@
 """Config sweeps: one `train` run per point of a grid of `--config.*` overrides.
 
 A sweep file (configs/sweeps/*.py) defines `get_sweep(arg=None) -> list[dict]`: one dict per
-run, mapping a dotted config path ("model.mask_ratio") to its value. A value may also be a
-function of the config (after the plain values of its point are applied) for fields that must
-follow others, e.g. `sirm.identity_tokens` = visible patches when the mask ratio changes.
+run, mapping a dotted config path ("model.mask_ratio") to its value. Values that follow from
+others are derived by the code that uses them (e.g. the SIRM's identity rows from the mask
+ratio, when the model is built), never computed in a sweep file.
 
 Launch (from the repository root; `--dry_run` only prints the commands):
 
@@ -17,7 +17,7 @@ model builds), then the points train one after another, each as
         --config.a.b=v ...
 
 with `<name>` made of the overrides that vary over the sweep (`mask_ratio=0.25,identity=0.5`;
-an override that only follows the ones before it, like identity_tokens, is left out). Extra
+an override that only varies in step with one before it is left out). Extra
 `--config.*` flags given to `sweep` go to every run, before the point's own. `train` resumes,
 so re-running the same sweep continues unfinished points and re-checks finished ones. To spread
 the points over machines, run the printed commands (`--dry_run`) wherever you like.
@@ -63,17 +63,12 @@ def config_key_error(config, path: str) -> str | None:
 def apply_overrides(config, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A locked copy of `config` with `overrides` (dotted path -> value) applied in order.
 
-    Callable values are called with the copy after the plain values are set. ValueError (one
-    line, naming the key) for an unknown path or a value of the wrong type.
+    ValueError (one line, naming the key) for an unknown path or a value of the wrong type.
     """
     config = copy.deepcopy(config)
     config.lock()  # a typo must not add a new field
     for path, value in overrides.items():
-        if not callable(value):
-            _set(config, path, value)
-    for path, value in overrides.items():
-        if callable(value):  # derived: computed from the config with the plain values set
-            _set(config, path, value(config))
+        _set(config, path, value)
     return config
 
 
@@ -92,18 +87,6 @@ def _set(config, path: str, value: Any) -> None:
     except TypeError as e:  # ConfigDict's type safety: say which key and what it holds
         current = type(holder[leaf]).__name__
         raise ValueError(f"config key {path!r} holds a {current}, got {value!r}") from e
-
-
-def resolve(config, point: Point) -> dict[str, Any]:
-    """The point with its derived (callable) values computed against `config`."""
-    applied = apply_overrides(config, point)
-    return {path: _get(applied, path) for path in point}
-
-
-def _get(config, path: str) -> Any:
-    for part in path.split("."):
-        config = config[part]
-    return config
 
 
 def _load_module(path: str, what: str, name: str):
@@ -188,7 +171,7 @@ def train_commands(
     base_overrides: Mapping[str, Any] | None = None,
     python: str = sys.executable,
 ) -> list[tuple[str, list[str]]]:
-    """(name, argv) of one `python -m dfrec_jax train` per point (values already resolved)."""
+    """(name, argv) of one `python -m dfrec_jax train` per point."""
     commands = []
     for name, point in zip(point_names(points), points):
         overrides = {**(base_overrides or {}), **point}
@@ -233,9 +216,8 @@ def run(
     of failed runs (0 on a dry run); a failed run does not stop the ones after it.
     """
     points = load_sweep(sweep_spec)
-    resolved = [resolve(config, p) for p in points]
-    check_models([apply_overrides(config, p) for p in resolved])
-    commands = train_commands(config_arg, resolved, workdir, base_overrides)
+    check_models([apply_overrides(config, p) for p in points])
+    commands = train_commands(config_arg, points, workdir, base_overrides)
     failed = []
     for i, (name, argv) in enumerate(commands):
         print(shlex.join(argv), file=out, flush=True)

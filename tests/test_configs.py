@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -42,6 +43,26 @@ def test_every_config_builds(path):
         model = inference.build_model(config)  # every model hyperparameter is a known field
         assert model.image_size == config.model.image_size
         assert config.data.batch_size > 0 and config.train.steps > 0
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_any_mask_ratio_builds_every_config(path, ratio):
+    """--config.model.mask_ratio alone is enough: the SIRM's identity rows follow it (channel
+    fusion: one per visible patch; sequence fusion keeps its own count)."""
+    for arg in [None, *ARGS.get(path, [])]:
+        config = sweep.apply_overrides(_module(path).get_config(arg), {"model.mask_ratio": ratio})
+        model = inference.build_model(config)
+        patches = (config.model.image_size // config.model.patch_size) ** 2
+        visible = patches - int(patches * ratio)
+        shapes = inference.abstract_variables(model)  # traces the whole forward pass
+        if config.model.tirm.fusion == "channel":
+            assert model.sirm.identity_tokens == visible, (path, arg)
+        else:
+            assert model.sirm.identity_tokens == config.model.sirm.identity_tokens > 0
+        head = shapes["params"]["sirm"]["identity_head"]
+        assert model.sirm.identity_tokens in jax.tree.leaves(jax.tree.map(
+            lambda x: x.shape[-1], head)), (path, arg)  # fmt: skip
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES)

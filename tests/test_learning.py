@@ -93,7 +93,7 @@ def test_identity_pos_embed_option_is_used():
     model = inference.build_model(config)
     variables = inference.init_variables(model, jax.random.key(0))
     rows = variables["params"]["tirm"]["identity_pos"]
-    assert rows.shape == (1, config.model.sirm.identity_tokens, rows.shape[-1])
+    assert rows.shape == (1, model.sirm.identity_tokens, rows.shape[-1])
     images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
     apply = jax.jit(lambda v: model.apply(v, images, rngs={"masking": jax.random.key(2)}))
     before = apply(variables)["target"]

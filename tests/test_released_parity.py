@@ -26,6 +26,7 @@ import pytest
 
 from configs import official
 from dfrec_jax.models import DFREC
+from dfrec_jax.models.dfrec import identity_tokens
 from dfrec_jax.pretrained import convert_released as cr
 from tests.lfw import real_faces
 from tests.test_convert_backbones import EPEfficientNetB0
@@ -359,7 +360,7 @@ def test_official_widths_equal_the_pytorch_release(tmp_path):
     x = torch.from_numpy(faces.transpose(0, 3, 1, 2).copy())
     ism = calibrate(DeepLabV3PlusB0(model.ism.decoder_channels), x)
     unet = randomize(SourceRecoverNetAttention2(tuple(sirm.channels), sirm.source_channels,
-                                                sirm.identity_tokens))  # fmt: skip
+                                                identity_tokens(model)))  # fmt: skip
     encoder = dict(width=tirm.encoder_width, depth=tirm.encoder_depth, mlp=tirm.encoder_mlp_dim,
                    heads=tirm.encoder_heads)  # fmt: skip
     decoder = dict(width=tirm.decoder_width, depth=tirm.decoder_depth, mlp=tirm.decoder_mlp_dim,

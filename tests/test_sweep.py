@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from configs import default, demo
 from dfrec_jax import configlib, sweep
+from dfrec_jax.models import DFREC
 
 SWEEP_FILE = "configs/sweeps/mask_ratio_and_weights.py"
 
@@ -30,26 +31,31 @@ def test_sweep_file_is_the_documented_grid():
 
 @pytest.mark.parametrize("config", [demo.get_config(), default.get_config()])
 def test_identity_tokens_follow_the_mask_ratio(config):
-    # 196 patches (112/8 and 224/16): 49, 98, 147 masked.
-    resolved = [sweep.resolve(config, p) for p in sweep.load_sweep(SWEEP_FILE)]
-    tokens = {p["model.mask_ratio"]: p["model.sirm.identity_tokens"] for p in resolved}
-    assert tokens == {0.25: 147, 0.5: 98, 0.75: 49}
-    assert config.model.mask_ratio == 0.5 and config.model.sirm.identity_tokens == 98  # a copy
+    # 196 patches (112/8 and 224/16): 49, 98, 147 masked; the model derives its identity rows.
+    points = sweep.load_sweep(SWEEP_FILE)
+    built = {
+        p["model.mask_ratio"]: DFREC.from_config(sweep.apply_overrides(config, p).model)
+        for p in points
+    }
+    assert {r: m.sirm.identity_tokens for r, m in built.items()} == {0.25: 147, 0.5: 98, 0.75: 49}
+    assert config.model.mask_ratio == 0.5 and config.model.sirm.identity_tokens == 0  # a copy
 
 
 def test_sequence_fusion_keeps_its_identity_tokens():
     config = demo.get_config("fusion=sequence")
-    resolved = [sweep.resolve(config, p) for p in sweep.load_sweep(SWEEP_FILE)]
-    assert {p["model.sirm.identity_tokens"] for p in resolved} == {16}
+    points = sweep.load_sweep(SWEEP_FILE)
+    models = [DFREC.from_config(sweep.apply_overrides(config, p).model) for p in points]
+    assert {m.sirm.identity_tokens for m in models} == {16}
 
 
 def test_every_sweep_point_builds_a_model():
     config = demo.get_config()
-    points = [sweep.resolve(config, p) for p in sweep.load_sweep(SWEEP_FILE)]
+    points = sweep.load_sweep(SWEEP_FILE)
     sweep.check_models([sweep.apply_overrides(config, p) for p in points])  # raises if not
-    # Without the derived identity tokens a mask ratio of 0.25 cannot build: the check sees it.
+    # An explicit identity row count that the mask ratio does not leave: the check sees it.
+    wrong = {"model.mask_ratio": 0.25, "model.sirm.identity_tokens": 98}
     with pytest.raises(ValueError, match="sweep point 0: .*one identity row per visible patch"):
-        sweep.check_models([sweep.apply_overrides(config, {"model.mask_ratio": 0.25})])
+        sweep.check_models([sweep.apply_overrides(config, wrong)])
 
 
 def test_overrides_apply_to_a_locked_copy_and_name_bad_keys():
@@ -70,7 +76,7 @@ def test_overrides_apply_to_a_locked_copy_and_name_bad_keys():
         sweep.apply_overrides(config, {"model.sirm": 3})
 
 
-def test_point_names_use_the_varying_keys_and_skip_derived_ones():
+def test_point_names_use_the_varying_keys_and_skip_ones_that_follow():
     points = [
         {"model.mask_ratio": r, "model.sirm.identity_tokens": t, "loss.weights.identity": w}
         for r, t in ((0.25, 147), (0.5, 98))
@@ -113,7 +119,7 @@ def test_dry_run_prints_commands_that_apply_cleanly(tmp_path):
     commands = [shlex.split(line) for line in run.stdout.splitlines()]
     assert len(commands) == 6 and not os.path.exists(workdir)  # printed, nothing ran
     base = demo.get_config()
-    points = [sweep.resolve(base, p) for p in sweep.load_sweep(SWEEP_FILE)]
+    points = sweep.load_sweep(SWEEP_FILE)
     names = set()
     for argv, point in zip(commands, points):
         assert argv[1:5] == ["-m", "dfrec_jax", "train", "--config=configs/demo.py"]
@@ -123,7 +129,7 @@ def test_dry_run_prints_commands_that_apply_cleanly(tmp_path):
         expected = sweep.apply_overrides(base, {"train.steps": 7, **point})
         assert parsed.to_dict() == expected.to_dict()
         assert parsed.train.steps == 7
-        assert parsed.model.sirm.identity_tokens == point["model.sirm.identity_tokens"]
+        assert parsed.model.mask_ratio == point["model.mask_ratio"]
     assert len(names) == 6
     assert f"--workdir={workdir}/mask_ratio=0.75,identity=1.0" in [c[5] for c in commands]
 

@@ -44,6 +44,7 @@ from flax import traverse_util
 from torch import nn
 
 from dfrec_jax import bench, loss_nets
+from dfrec_jax.models.dfrec import identity_tokens
 from dfrec_jax.pretrained import attributes, facenet, vgg
 from dfrec_jax.train import sharding
 from tests.test_convert_released import MAE, SourceRecoverNetAttention2
@@ -423,7 +424,7 @@ class PeerDFREC(nn.Module):
         self.ism = DeepLabV3PlusB0(int(m.ism.decoder_channels))
         self.classifier = nn.Linear(320, 1)
         self.sirm = SourceRecoverNetAttention2(tuple(m.sirm.channels), int(m.sirm.source_channels),
-                                               int(m.sirm.identity_tokens))  # fmt: skip
+                                               identity_tokens(m))  # fmt: skip
         t = m.tirm
         encoder = dict(width=t.encoder_width, depth=t.encoder_depth, mlp=t.encoder_mlp_dim,
                        heads=t.encoder_heads)  # fmt: skip

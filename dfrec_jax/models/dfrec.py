@@ -22,6 +22,24 @@ from dfrec_jax.models.tirm import TIRM
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def identity_tokens(cfg: Mapping[str, Any]) -> int:
+    """The SIRM's identity rows for a `config.model`: `sirm.identity_tokens` when set (> 0),
+    else one per visible patch, N - int(N * mask_ratio), which channel fusion requires (a set
+    value that differs is an error there); sequence fusion takes any count."""
+    patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    visible = patches - masking.num_masked(patches, cfg["mask_ratio"])
+    tokens = int(cfg["sirm"].get("identity_tokens") or 0)
+    if tokens < 0:
+        raise ValueError(f"model.sirm.identity_tokens must be >= 0 (0 = derived), got {tokens}")
+    if cfg["tirm"].get("fusion", "channel") == "channel" and tokens not in (0, visible):
+        raise ValueError(
+            f"channel fusion needs one identity row per visible patch: model.sirm."
+            f"identity_tokens={tokens}, but {patches} patches at mask_ratio={cfg['mask_ratio']} "
+            f"leave {visible} visible (set it to 0 to derive it, or fusion='sequence')"
+        )
+    return tokens or visible
+
+
 class DFREC(nn.Module):
     image_size: int
     patch_size: int
@@ -83,9 +101,11 @@ class DFREC(nn.Module):
         if dtype is None:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg['dtype']!r}")
         kw = dict(dtype=dtype, param_dtype=jnp.float32)
+        sirm_cfg = dict(cfg["sirm"])
+        sirm_cfg["identity_tokens"] = identity_tokens(cfg)
         try:
             ism = ISM(**dict(cfg["ism"]), **kw)
-            sirm = SIRM(**dict(cfg["sirm"]), **kw)
+            sirm = SIRM(**sirm_cfg, **kw)
             tirm = TIRM(
                 image_size=cfg["image_size"],
                 patch_size=cfg["patch_size"],

@@ -8,7 +8,8 @@ patches. Recovered target = visible input patches + predicted masked patches.
 Fusion modes (`fusion`):
   "channel"   the paper's wording and the released code: identity row j is concatenated on the
               feature axis with visible token j, then linearly embedded to the decoder width.
-              Needs identity_tokens == number of visible patches (98 for 196 patches at 0.5).
+              Needs identity_tokens == number of visible patches (98 for 196 patches at 0.5;
+              DFREC.from_config derives it when config.model.sirm.identity_tokens is 0).
   "sequence"  identity rows are embedded as extra decoder tokens that every patch token can
               attend to; works for any identity shape. Dropped before the pixel prediction.
 Identity-row positions (`identity_pos_embed=True`, an option, off by default): a learned
@@ -100,7 +101,7 @@ class TIRM(nn.Module):
                 raise ValueError(
                     f"channel fusion needs one identity row per visible patch: got "
                     f"{identity.shape[1]} identity rows for {visible.shape[1]} visible patches "
-                    f"(set sirm.identity_tokens = num_patches - num_masked, or fusion='sequence')"
+                    f"(leave sirm.identity_tokens at 0 to derive it, or fusion='sequence')"
                 )
             visible = jnp.concatenate([visible, identity], axis=-1)
         elif self.fusion != "sequence":
