@@ -303,7 +303,7 @@ def mesh_config():
             fsdp=1,
             fsdp_min_size=2**18,  # arrays with fewer elements stay replicated
             # jax.distributed.initialize() first: "auto" when the environment says the job
-            # has several processes (SLURM, Open MPI, TPU pod; train/multihost.py), yes, no
+            # has several processes (SLURM, Open MPI, TPU pod; run/multihost.py), yes, no
             distributed="auto",
         )
     )

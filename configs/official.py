@@ -1,10 +1,11 @@
 """The authors' released model (botianzhe/DFREC, checkpoint splitidentity_ftm.pth).
 
-Differences from the paper (DFREC_FACTS.md): torchvision ViT-L/16 encoder with learned
+Differences from the paper (README "Design choices"): torchvision ViT-L/16 encoder with learned
 position embeddings; a 1-block fusion decoder of width 512 / 16 heads whose input is the
 encoder width + 196 identity features; SIRM gates x * (psi + q); masking by patch sums with
-the all-random fallback. Masking indices are applied to patch tokens, not shifted by the
-class token (the released code's off-by-one is not reproduced; README explains).
+the all-random fallback. By default masking indices are applied to patch tokens, not shifted
+by the class token; `exact=released` reproduces the release's off-by-one and its other
+behaviours (README "Using the authors' trained model").
 
 `exact=released` reproduces the release's outputs exactly (README "Using the authors' trained
 model"), every behaviour that differs whatever the weights: efficientnet_pytorch's TF-"SAME"

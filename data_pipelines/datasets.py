@@ -5,7 +5,9 @@ import logging
 import os
 import time
 
+import jax
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from data_pipelines import splits
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
@@ -105,6 +107,17 @@ def prepare(data) -> tfds.core.DatasetBuilder:
         logging.info("built %s in %.0f s", builder.info.full_name, time.perf_counter() - start)
     return builder
 
+
+
+def prepare_in_every_process(data) -> tfds.core.DatasetBuilder:
+    """`prepare(data)` in every process, process 0 first: with several processes it builds a
+    missing dataset while the others wait at a barrier, then they open it (several hosts
+    writing one TFDS folder at once would corrupt it). Call it in all processes."""
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            prepare(data)
+        multihost_utils.sync_global_devices("dfrec_jax dataset prepared")
+    return prepare(data)
 
 def _stale(builder) -> bool:
     """True when the builder's input folder no longer has the fingerprint it was built from."""

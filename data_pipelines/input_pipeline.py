@@ -78,7 +78,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import blending, swap
-from dfrec_jax.batch import batch_sharding, normalize_batch  # noqa: F401  (re-exported)
 from dfrec_jax.host_tf import tf
 
 # Append only: ids are saved in metrics. Compared lower-case; unknown methods map to "other".

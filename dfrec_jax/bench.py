@@ -417,7 +417,7 @@ def bench_recover(
     """
     from dfrec_jax import recover
     from dfrec_jax.eval import identity
-    from dfrec_jax.train import workdir as workdir_lib
+    from dfrec_jax.run import workdir as workdir_lib
 
     if workdir:
         from dfrec_jax import trained

@@ -33,8 +33,8 @@ from dfrec_jax import trained as trained_lib
 from dfrec_jax.exported import file_sha256
 from dfrec_jax.pretrained import convert_released as cr
 from dfrec_jax.pretrained.checkpoint import ConversionError
-from dfrec_jax.train import checkpoints
-from dfrec_jax.train import workdir as workdir_lib
+from dfrec_jax.run import checkpoints
+from dfrec_jax.run import workdir as workdir_lib
 
 SOURCE = "DFREC authors' released checkpoint (github.com/botianzhe/DFREC)"
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.exported import file_sha256
-from dfrec_jax.train import workdir as workdir_lib
+from dfrec_jax.run import workdir as workdir_lib
 
 # Platform names jax.export lowers for (the CLI's "gpu" is not one: say cuda or rocm).
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfrec_jax import images as images_lib
-from dfrec_jax import inference
 
 MORPH_METHOD = "morph_blend"
 
@@ -51,7 +50,6 @@ def make_examples(
     example uses a different person; people are taken in a seeded order."""
     from data_pipelines import landmarks as landmarks_lib
     from data_pipelines import swap
-
     from dfrec_jax.forward import first_image_per_person
 
     people = first_image_per_person(lfw_dir, count=-1)  # every person's first image

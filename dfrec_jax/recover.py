@@ -60,7 +60,7 @@ from PIL import Image
 from dfrec_jax import images as image_io
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import identity
-from dfrec_jax.train import workdir as workdir_lib
+from dfrec_jax.run import workdir as workdir_lib
 
 FORMAT = "dfrec_jax recover evidence record, version 1"
 FLOAT_DECIMALS = 6

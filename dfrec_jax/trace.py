@@ -45,7 +45,7 @@ import numpy as np
 from dfrec_jax import images as image_io
 from dfrec_jax import recover
 from dfrec_jax.eval import identity
-from dfrec_jax.train import workdir as workdir_lib
+from dfrec_jax.run import workdir as workdir_lib
 
 FORMAT = "dfrec_jax trace report, version 1"
 DLIB_SAME_PERSON = 0.6  # dlib's threshold on the Euclidean distance of descriptors

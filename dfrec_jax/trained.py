@@ -170,7 +170,7 @@ def load(
 ) -> TrainedModel:
     """The model of a run: `workdir` (its checkpoints/ and config.json) or `checkpoint` (a
     checkpoints folder whose config.json is beside or inside it); newest step unless `step`."""
-    from dfrec_jax.train import checkpoints  # orbax; no TensorFlow, no optimizer
+    from dfrec_jax.run import checkpoints  # orbax; no TensorFlow, no optimizer
 
     ckpt_dir, config_path = _locate(workdir, checkpoint)
     config = read_config(config_path)
@@ -193,7 +193,7 @@ def load(
     if paths.exists(hash_path):
         digest = paths.read_text(hash_path).strip()
     else:
-        from dfrec_jax.train import workdir as workdir_lib
+        from dfrec_jax.run import workdir as workdir_lib
 
         digest = workdir_lib.config_hash(config)
     provenance_path = paths.join(os.path.dirname(config_path), PROVENANCE)

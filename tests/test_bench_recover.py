@@ -10,7 +10,7 @@ import pytest
 
 from dfrec_jax import bench, inference, recover, trained
 from dfrec_jax.eval import identity
-from dfrec_jax.train import workdir as workdir_lib
+from dfrec_jax.run import workdir as workdir_lib
 from tests import tiny
 
 SIZE = tiny.IMAGE_SIZE

@@ -23,7 +23,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfrec_jax.train.checkpoints import (
+from dfrec_jax.run.checkpoints import (
     CheckpointDamagedError,
     Checkpointer,
     CheckpointMismatchError,
@@ -305,7 +305,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 try:
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from dfrec_jax.train.checkpoints import (
+    from dfrec_jax.run.checkpoints import (
     CheckpointDamagedError,
     Checkpointer,
     CheckpointMismatchError,

@@ -21,7 +21,8 @@ from dfrec_jax import inference, trained
 from dfrec_jax.models.efficientnet import B0_STAGES, scaled_channels, scaled_repeats
 from dfrec_jax.pretrained import convert_backbones as cb
 from dfrec_jax.pretrained import convert_released as cr
-from dfrec_jax.train import checkpoints, init_from, sharding, trainer
+from dfrec_jax.run import checkpoints
+from dfrec_jax.train import init_from, sharding, trainer
 from dfrec_jax.train import state as state_lib
 from tests import tiny
 from tests.test_convert_released import released, small_config  # noqa: F401 (fixture)

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from data_pipelines import input_pipeline as ip
+from dfrec_jax.batch import batch_sharding, normalize_batch
 
 S = 16
 N = 40
@@ -271,7 +272,7 @@ def test_perturbation_in_evaluation_changes_image_only():
 
 def test_normalize_batch():
     batch = fresh()[0]
-    out = jax.jit(ip.normalize_batch)(batch)
+    out = jax.jit(normalize_batch)(batch)
     for k in ("image", "source", "target", "mask", "label", "has_mask"):
         assert out[k].dtype == jnp.float32
     np.testing.assert_allclose(out["image"], batch["image"] / 255.0, atol=1e-7)
@@ -284,7 +285,7 @@ def test_normalize_batch():
 def test_input_pipeline_global_sharded_batches_and_restore(shape):
     names = ("data", "fsdp")[: len(shape)]
     mesh = jax.make_mesh(shape, names, devices=jax.devices()[:8])
-    sharding = ip.batch_sharding(mesh)
+    sharding = batch_sharding(mesh)
     assert sharding.spec == jax.sharding.PartitionSpec(names)
 
     def dataset_fn(start):

@@ -1,4 +1,4 @@
-"""Multi-host start (train/multihost.py) and the hosts' agreed stop (train/preemption.py).
+"""Multi-host start (run/multihost.py) and the hosts' agreed stop (train/preemption.py).
 
 The environment rules are unit-tested on dicts; the start and the stop vote run for real: two
 processes on 127.0.0.1 with JAX's CPU collectives, started by `multihost.initialize("auto")`
@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from dfrec_jax.train import multihost
+from dfrec_jax.run import multihost
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +74,8 @@ _WORKER = textwrap.dedent(
     """
     import os, signal, sys, time
     import jax, jax.numpy as jnp, numpy as np
-    from dfrec_jax.train import multihost, preemption
+    from dfrec_jax.run import multihost
+    from dfrec_jax.train import preemption
     started = multihost.initialize("auto")
     assert started == "DFREC_NUM_PROCESSES", started
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()

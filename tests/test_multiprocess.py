@@ -136,7 +136,7 @@ _PSUM = textwrap.dedent(
     import json, sys
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from dfrec_jax.train import multihost
+    from dfrec_jax.run import multihost
     multihost.initialize("auto")
     mesh = jax.make_mesh((8,), ("data",))
     rng = np.random.default_rng(0)  # 8 "per-device gradients" spanning 8 decades

@@ -3,10 +3,13 @@ from any directory, editable (what ./run.sh installs) or as a plain `pip install
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 from dfrec_jax import configlib
+
+PACKAGES = ("dfrec_jax", "configs", "data_pipelines")
 
 
 def _run(argv, cwd, **env):
@@ -28,12 +31,19 @@ def test_console_script_runs_from_another_directory(tmp_path):
 
 
 def test_plain_install_has_the_three_packages_and_uses_the_working_directory(tmp_path):
+    # From a copy: setuptools builds in the source tree (build/), which must stay clean.
+    source = tmp_path / "source"
+    for name in PACKAGES:
+        shutil.copytree(os.path.join(configlib.REPO_ROOT, name), source / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+        shutil.copy(os.path.join(configlib.REPO_ROOT, name), source / name)
     target = tmp_path / "site"
     install = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), configlib.REPO_ROOT],
+                    "--no-build-isolation", "--target", str(target), str(source)],
                    cwd=tmp_path)  # fmt: skip
     assert install.returncode == 0, install.stderr[-2000:]
-    assert {"dfrec_jax", "configs", "data_pipelines"} <= set(os.listdir(target))
+    assert set(PACKAGES) <= set(os.listdir(target))
     assert not (target / "tests").exists()  # tests stay in the repository
     probe = (
         "import json; from dfrec_jax import configlib; from configs import demo; "

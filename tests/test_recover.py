@@ -22,7 +22,7 @@ from PIL import Image
 
 from dfrec_jax import recover, trained
 from dfrec_jax.eval import identity
-from dfrec_jax.train import workdir as workdir_lib
+from dfrec_jax.run import workdir as workdir_lib
 from tests import lfw, tiny
 
 SIZE = tiny.IMAGE_SIZE

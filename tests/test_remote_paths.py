@@ -18,8 +18,9 @@ from etils.epath import testing as epath_testing
 from PIL import Image
 
 from dfrec_jax import images, paths, trained
-from dfrec_jax.train import checkpoints, trainer
-from dfrec_jax.train import workdir as workdir_lib
+from dfrec_jax.run import checkpoints
+from dfrec_jax.run import workdir as workdir_lib
+from dfrec_jax.train import trainer
 from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,8 +124,8 @@ def test_panels_are_written_as_bytes(fake_gcs):
 # Modules that read or write a workdir; local-only calls there would break gs:// workdirs.
 _WORKDIR_MODULES = (
     "dfrec_jax/train/trainer.py",
-    "dfrec_jax/train/checkpoints.py",
-    "dfrec_jax/train/workdir.py",
+    "dfrec_jax/run/checkpoints.py",
+    "dfrec_jax/run/workdir.py",
     "dfrec_jax/train/init_from.py",
     "dfrec_jax/trained.py",
     "dfrec_jax/eval/runner.py",

@@ -11,8 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dfrec_jax.train import metric_writer, progress
-from dfrec_jax.train import workdir as workdir_lib
+from dfrec_jax.run import progress
+from dfrec_jax.run import workdir as workdir_lib
+from dfrec_jax.train import metric_writer
 
 
 def test_scalars_round_trip(tmp_path):
@@ -20,7 +21,8 @@ def test_scalars_round_trip(tmp_path):
         writer.scalars(1, {"train/total": 1.5, "train/lr": jnp.float32(1e-4)})
         writer.scalars(2, {"train/total": np.float32(0.75), "train": {"lr": jnp.array([2e-4])}})
         writer.scalars(10, {"val/total": 0.5})
-    assert writer.path.startswith(os.path.join(str(tmp_path), "tensorboard", "events.out.tfevents"))
+    (events,) = os.listdir(tmp_path / "tensorboard")  # one event file per writer
+    assert events.startswith("events.out.tfevents.")
     scalars = metric_writer.read_scalars(str(tmp_path))
     assert set(scalars) == {"train/total", "train/lr", "val/total"}
     assert scalars["train/total"] == [(1, 1.5), (2, 0.75)]
@@ -73,6 +75,33 @@ def test_images_written_as_tensorboard_image_summaries(tmp_path):
 
     assert Image.open(io.BytesIO(blobs[2])).format == "PNG"
     assert not metric_writer.read_scalars(str(tmp_path))
+
+
+def test_tensorboards_own_reader_loads_scalars_and_images(tmp_path):
+    """What `tensorboard --logdir W/tensorboard` shows: its event accumulator (the one its
+    data provider uses, with the TF2 summaries migrated as TensorBoard does) finds every tag."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.util import tensor_util
+
+    grid = np.random.default_rng(0).integers(0, 256, (2, 6, 5, 3), dtype=np.uint8)
+    with metric_writer.MetricWriter(str(tmp_path), enabled=True) as writer:
+        writer.scalars(1, {"loss": {"total": 2.0}, "lr": np.float32(1e-3)})
+        writer.scalars(2, {"loss": {"total": 1.5}, "lr": np.float32(2e-3)})
+        writer.images(2, {"panels": grid})
+    accumulator = pea.EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    assert set(accumulator.Tags()["tensors"]) == {"loss/total", "lr", "panels"}
+    assert accumulator.SummaryMetadata("loss/total").plugin_data.plugin_name == "scalars"
+    assert accumulator.SummaryMetadata("panels").plugin_data.plugin_name == "images"
+    total = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+             for e in accumulator.Tensors("loss/total")]  # fmt: skip
+    assert total == [(1, 2.0), (2, 1.5)]
+    ((event,),) = [accumulator.Tensors("panels")]
+    blobs = tensor_util.make_ndarray(event.tensor_proto)
+    assert blobs[:2].tolist() == [b"5", b"6"] and len(blobs) == 4  # width, height, 2 PNGs
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(blobs[3]))), grid[1])
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

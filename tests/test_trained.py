@@ -17,7 +17,7 @@ def run_dir(tiny_run):
 
 
 def test_load_restores_the_saved_parameters(run_dir):
-    from dfrec_jax.train import checkpoints
+    from dfrec_jax.run import checkpoints
 
     model = trained.load(workdir=run_dir)
     assert model.step == 3 and model.image_size == tiny.IMAGE_SIZE
@@ -101,7 +101,7 @@ def test_load_reads_parameters_only_whatever_the_optimizer_config(tmp_path, run_
 
 def test_restore_variables_names_a_shape_mismatch(run_dir):
     from dfrec_jax import inference
-    from dfrec_jax.train import checkpoints
+    from dfrec_jax.run import checkpoints
 
     config = trained.read_config(os.path.join(run_dir, "config.json"))
     config.model.tirm.decoder_width *= 2
@@ -122,7 +122,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, run_dir, 
     reads step 3 with one warning naming step 4; asking for step 4 is one line."""
     import shutil
 
-    from dfrec_jax.train import checkpoints
+    from dfrec_jax.run import checkpoints
 
     copy = str(tmp_path / "run")
     shutil.copytree(run_dir, copy)

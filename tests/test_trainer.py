@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from dfrec_jax import configlib
-from dfrec_jax.train import checkpoints, metric_writer, trainer
+from dfrec_jax.run import checkpoints
+from dfrec_jax.train import metric_writer, trainer
 from tests import tiny
 
 STEPS = 6
@@ -176,7 +177,7 @@ def test_config_is_on_record_only_once_the_model_builds(data, tmp_path, referenc
     compiled, and the run's config.json is untouched."""
     import shutil
 
-    from dfrec_jax.train import checkpoints as checkpoints_lib
+    from dfrec_jax.run import checkpoints as checkpoints_lib
 
     def config(**model):
         c = tiny.tiny_config()

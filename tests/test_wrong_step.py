@@ -21,8 +21,14 @@ from dfrec_jax.train import sharding
 from dfrec_jax.train import state as state_lib
 from dfrec_jax.train import step as step_lib
 from tests import tiny
-from tests.test_train_step import WEIGHTS, TinyDFREC, _batch, _config, _put
-from tests.test_train_step import loss_nets  # noqa: F401  (pytest fixture)
+from tests.test_train_step import (
+    WEIGHTS,
+    TinyDFREC,
+    _batch,
+    _config,
+    _put,
+    loss_nets,  # noqa: F401  (pytest fixture)
+)
 
 
 # ----------------------------------------------------------------------------

@@ -124,8 +124,9 @@ def make_workdir(workdir, config=None, step: int = 3, seed: int = 0) -> str:
     import os
 
     from dfrec_jax import inference
-    from dfrec_jax.train import checkpoints, sharding, state
-    from dfrec_jax.train import workdir as workdir_lib
+    from dfrec_jax.run import checkpoints
+    from dfrec_jax.run import workdir as workdir_lib
+    from dfrec_jax.train import sharding, state
 
     config = config or tiny_config()
     os.makedirs(workdir, exist_ok=True)

@@ -116,7 +116,7 @@ def main():
     jax.config.update("jax_num_cpu_devices", args.devices)
 
     from dfrec_jax.eval import runner
-    from dfrec_jax.train import multihost
+    from dfrec_jax.run import multihost
 
     cfg = config(args.lfw_dir, args.data_dir)
     multihost.initialize(cfg.mesh.distributed)  # before the nets touch a device

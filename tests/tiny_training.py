@@ -42,7 +42,8 @@ def main():
     if args.emulate_processes:
         _emulate_processes(args.emulate_processes)
 
-    from dfrec_jax.train import multihost, trainer
+    from dfrec_jax.run import multihost
+    from dfrec_jax.train import trainer
     from tests import tiny
 
     config = tiny.tiny_config()

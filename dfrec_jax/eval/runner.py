@@ -59,8 +59,8 @@ import numpy as np
 from dfrec_jax import losses, paths
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import baselines, identity, metrics, pose, report
-from dfrec_jax.train import multihost
-from dfrec_jax.train.progress import Progress
+from dfrec_jax.run import multihost
+from dfrec_jax.run.progress import Progress
 
 ALL = "All"
 INPAINT_LABELS = {"telea": "Telea", "ns": "NS"}
@@ -445,7 +445,7 @@ def _first_difference(a, b, path: str):
 
 
 def _check_model(config, model: trained_lib.TrainedModel) -> None:
-    from dfrec_jax.train import workdir as workdir_lib
+    from dfrec_jax.run import workdir as workdir_lib
 
     found = _first_difference(
         workdir_lib.config_to_dict(config.model),
@@ -463,14 +463,14 @@ def _check_model(config, model: trained_lib.TrainedModel) -> None:
 def _examples(config, split: str, image_size: int):
     """(prepared builder, input_pipeline.Split of the examples to score): the split, or its
     first config.eval.max_examples when that is > 0 (the rest are never read)."""
-    from data_pipelines import input_pipeline
+    from data_pipelines import datasets, input_pipeline
 
     if int(config.data.image_size) != image_size:
         raise ValueError(
             f"config.data.image_size={config.data.image_size} but the model takes "
             f"{image_size}px faces; set --config.data.image_size={image_size}"
         )
-    builder = multihost.prepare_dataset(config.data)  # process 0 builds a missing one
+    builder = datasets.prepare_in_every_process(config.data)  # process 0 builds a missing one
     if split not in builder.info.splits:
         raise ValueError(
             f"split {split!r} not in {builder.info.full_name} (splits: "
@@ -527,7 +527,7 @@ def run(
     """Evaluates a run's checkpoint on `split` of config.data and writes metrics.json and
     table.md (module docstring); returns the metrics dict. `nets` replaces the real scoring
     networks (tests). With several processes every process calls it (module docstring)."""
-    from dfrec_jax.train import workdir as workdir_lib
+    from dfrec_jax.run import workdir as workdir_lib
 
     multihost.initialize(config.mesh.distributed)  # before any other JAX use
     model = trained_lib.load(workdir=workdir, checkpoint=checkpoint, step=step)

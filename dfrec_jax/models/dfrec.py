@@ -54,8 +54,9 @@ class DFREC(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         """images: float [B, image_size, image_size, 3] in [0, 1]. Needs a "masking" rng (and a
-        "dropout" rng when train=True). Returns the dict documented in DESIGN.md plus
-        seg_logits, mask_idx, keep_idx and pred_patches for the losses."""
+        "dropout" rng when train=True). Returns seg [B,H,W,1], forgery_logit [B], source and
+        target [B,H,W,3] in [0, 1], mask bool [B,N] (the README's model snippet), plus seg_logits,
+        mask_idx, keep_idx and pred_patches for the losses."""
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(
                 f"DFREC expects images [B,{self.image_size},{self.image_size},3], "

@@ -244,12 +244,12 @@ def released_rules(model_cfg, state) -> list[Rule]:
 
 
 def convert_released_checkpoint(
-    path: str, config: Any = None, variables: Any = None
+    path: str, config: Any, variables: Any = None
 ) -> tuple[dict, Report]:
     """(variables {"params", "batch_stats"} for `DFREC.from_config(config.model)`, Report).
 
-    `config`: a full config or its `model` part; default configs/official.py (importing it
-    needs the repository root on sys.path). `variables`: an initialised tree for that model
+    `config`: a full config or its `model` part (the release's own: configs/official.py,
+    which the `convert` command loads). `variables`: an initialised tree for that model
     whose leaves the release cannot fill are kept; by default those leaves are zeros. Report
     keys are "<group>:<name>" with group state_dict / recover1_state_dict / recover2_state_dict.
     """
@@ -257,13 +257,9 @@ def convert_released_checkpoint(
 
 
 def convert_released_state(
-    state: Mapping[str, np.ndarray], config: Any = None, variables: Any = None
+    state: Mapping[str, np.ndarray], config: Any, variables: Any = None
 ) -> tuple[dict, Report]:
     """`convert_released_checkpoint` of a `read_released` result (the file read once)."""
-    if config is None:
-        from configs import official  # the repository's config files, not the package
-
-        config = official.get_config()
     model_cfg = config["model"] if "model" in config else config
     base = variables
     if base is None:

@@ -185,7 +185,7 @@ def _convert_file(name: str, path: str, config) -> tuple[dict, list[str], dict]:
 def _restore_run(run_dir: str, mesh, min_size: int) -> tuple[dict, int]:
     """(params + batch stats of the run's newest checkpoint, laid out for `mesh`, its step)."""
     from dfrec_jax import inference, trained  # the run's config.json reader (legacy keys)
-    from dfrec_jax.train import checkpoints
+    from dfrec_jax.run import checkpoints
     from dfrec_jax.train import sharding as sharding_lib
 
     ckpt_dir = paths.join(run_dir, "checkpoints")
@@ -313,7 +313,7 @@ def record(workdir: str, applied: list[Applied], step: int = 0) -> None:
     """W/init.json (process 0) and one console line per applied source."""
     if not applied or jax.process_index() != 0:
         return
-    from dfrec_jax.train import workdir as workdir_lib
+    from dfrec_jax.run import workdir as workdir_lib
 
     workdir_lib.save_json(
         paths.join(workdir, "init.json"),

@@ -1,56 +1,35 @@
-"""TensorBoard logging: scalars and image grids written as event files under workdir/tensorboard.
+"""TensorBoard logging: scalars and image grids written with `tf.summary` under workdir/tensorboard.
 
-The event files are written directly (TFRecord framing from `tf.io.TFRecordWriter`, protos from
-TensorFlow's core), in the same form as TensorBoard's own `tf.summary.scalar` /
-`tf.summary.image` (tensor summaries with the "scalars" / "images" plugin metadata), so
-TensorBoard shows them as usual. Why not `tf.summary` or clu: both need the `tensorboard`
-package, which tensorflow 2.21 no longer installs, and `tf.summary` runs TensorFlow eager ops,
-which would claim GPU memory next to JAX on a machine with a GPU build of TensorFlow. Nothing
-here runs a TensorFlow op; `tf.io.gfile` paths (e.g. gs://) work.
+`tf.summary` (with the pinned `tensorboard` package) writes the event files; the summaries run
+as TensorFlow ops on the host CPU only (dfrec_jax/host_tf.py hides every accelerator from
+TensorFlow, so they never claim GPU memory next to JAX). `tf.io.gfile` paths (gs://) work.
+View them with `tensorboard --logdir runs/demo/tensorboard`.
 
 Only process 0 writes (multi-host); other processes get a writer whose methods do nothing.
 Each writer opens a new event file, so a resumed run appends a file; `read_scalars` merges them
 (the newest value wins when a step was logged twice, as happens after resuming from an older
-checkpoint).
+checkpoint). Every write is flushed at once: a preempted (SIGKILLed) run keeps what it logged.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import os
-import socket
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from PIL import Image
-from tensorflow.core.framework import summary_pb2
-from tensorflow.core.util import event_pb2
 
 from dfrec_jax.host_tf import tf
 
 TENSORBOARD_DIR = "tensorboard"
 _SEPARATOR_PX = 2
-_counter = itertools.count()
 
 
 def tensorboard_dir(workdir: str) -> str:
     return os.path.join(workdir, TENSORBOARD_DIR)
-
-
-def _metadata(plugin: str, data_class: int) -> summary_pb2.SummaryMetadata:
-    # Plugin content left empty = version 0 of the plugin's data proto, as TensorBoard writes it.
-    return summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
-        data_class=data_class,
-    )
-
-
-_SCALAR_METADATA = _metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
-_IMAGE_METADATA = _metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -71,14 +50,6 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _png(image: np.ndarray) -> bytes:
-    if image.shape[-1] == 1:
-        image = image[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class MetricWriter:
     """Writes scalars and images for TensorBoard under `workdir/tensorboard`.
 
@@ -89,30 +60,10 @@ class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else bool(enabled)
         self.logdir = tensorboard_dir(workdir)
-        self.path = None
         self._writer = None
-        if not self.enabled:
-            return
-        tf.io.gfile.makedirs(self.logdir)
-        name = (
-            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-            f".{os.getpid()}.{next(_counter)}.v2"
-        )
-        self.path = os.path.join(self.logdir, name)
-        self._writer = tf.io.TFRecordWriter(self.path)
-        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-        self.flush()
-
-    def _write(self, event: event_pb2.Event) -> None:
-        self._writer.write(event.SerializeToString())
-
-    def _write_summary(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
-        event = event_pb2.Event(
-            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
-        )
-        self._write(event)
-        # Flushed at once: a preempted (SIGKILLed) run keeps every value it logged.
-        self.flush()
+        if self.enabled:
+            tf.io.gfile.makedirs(self.logdir)
+            self._writer = tf.summary.create_file_writer(self.logdir)
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         """Writes float scalars (Python/NumPy numbers or size-1 jax.Arrays; nested mappings are
@@ -120,40 +71,33 @@ class MetricWriter:
         if not self.enabled or not values:
             return
         host = jax.device_get(_flatten(values))
-        summary_values = []
         for tag, value in host.items():
-            array = np.asarray(value)
-            if array.size != 1:
-                raise ValueError(f"scalar {tag!r} has shape {array.shape}; expected one value")
-            tensor = tf.make_tensor_proto(np.float32(array.reshape(())))
-            summary_values.append(
-                summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=_SCALAR_METADATA)
-            )
-        self._write_summary(step, summary_values)
+            if np.asarray(value).size != 1:
+                raise ValueError(f"scalar {tag!r} has shape {np.shape(value)}; expected one value")
+        with self._writer.as_default(step=int(step)):
+            for tag, value in host.items():
+                tf.summary.scalar(tag, np.float32(np.asarray(value).reshape(())))
+        self._writer.flush()
 
     def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Writes images: [N,H,W,C] or [H,W,C] with C in (1, 3), uint8 or float in [0, 1]
-        (clipped; NaN shown as 0). All N images of a tag go into one summary, as TensorBoard's
-        image plugin expects."""
+        (clipped; NaN shown as 0). All N images of a tag go into one summary."""
         if not self.enabled or not images:
             return
-        summary_values = []
+        arrays = {}
         for tag, value in jax.device_get(dict(images)).items():
             array = _to_uint8(value)
-            if array.ndim == 3:
-                array = array[None]
+            array = array[None] if array.ndim == 3 else array
             if array.ndim != 4 or array.shape[-1] not in (1, 3):
                 raise ValueError(
                     f"image {tag!r} has shape {array.shape}; expected [N,H,W,C] or [H,W,C] "
                     "with C = 1 or 3"
                 )
-            height, width = array.shape[1:3]
-            blobs = [str(width).encode(), str(height).encode()] + [_png(a) for a in array]
-            tensor = tf.make_tensor_proto(np.array(blobs, dtype=object))
-            summary_values.append(
-                summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=_IMAGE_METADATA)
-            )
-        self._write_summary(step, summary_values)
+            arrays[tag] = array
+        with self._writer.as_default(step=int(step)):
+            for tag, array in arrays.items():
+                tf.summary.image(tag, array, max_outputs=len(array))
+        self._writer.flush()
 
     def flush(self) -> None:
         if self._writer is not None:

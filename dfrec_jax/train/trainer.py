@@ -29,26 +29,12 @@ import numpy as np
 from dfrec_jax import images, inference, losses, paths
 from dfrec_jax import loss_nets as loss_nets_lib
 from dfrec_jax.batch import normalize_batch
-from dfrec_jax.train import (
-    checkpoints,
-    init_from,
-    metric_writer,
-    multihost,
-    preemption,
-    sharding,
-)
-from dfrec_jax.train import (
-    progress as progress_lib,
-)
-from dfrec_jax.train import (
-    state as state_lib,
-)
-from dfrec_jax.train import (
-    step as step_lib,
-)
-from dfrec_jax.train import (
-    workdir as workdir_lib,
-)
+from dfrec_jax.run import checkpoints, multihost
+from dfrec_jax.run import progress as progress_lib
+from dfrec_jax.run import workdir as workdir_lib
+from dfrec_jax.train import init_from, metric_writer, preemption, sharding
+from dfrec_jax.train import state as state_lib
+from dfrec_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +54,11 @@ class TrainResult:
 
 def _data_pipelines(config, mesh):
     """Training and validation input pipelines (TensorFlow is imported only here)."""
-    from data_pipelines import input_pipeline
+    from data_pipelines import datasets, input_pipeline
 
     data = config.data
     processes, index = jax.process_count(), jax.process_index()
-    builder = multihost.prepare_dataset(data)  # one host builds a missing dataset
+    builder = datasets.prepare_in_every_process(data)  # one host builds a missing dataset
     local_batch = data.batch_size // processes
     batch_sharding = sharding.batch_sharding(mesh)
     # Splits, not their examples: each process reads only its own part of them.

@@ -103,19 +103,4 @@ def initialize(value, environ: Mapping[str, str] = os.environ, start=None) -> st
     return what
 
 
-def prepare_dataset(data_config):
-    """`datasets.prepare(data_config)` in every process, process 0 first: with several
-    processes it builds a missing dataset while the others wait at a barrier, then they open
-    it (several hosts writing one TFDS folder at once would corrupt it). Call in all."""
-    from data_pipelines import datasets
-
-    if jax.process_count() > 1:
-        if jax.process_index() == 0:
-            datasets.prepare(data_config)
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dfrec_jax dataset prepared")
-    return datasets.prepare(data_config)
-
-
-__all__ = ["MODES", "detect", "initialize", "mode", "prepare_dataset"]
+__all__ = ["MODES", "detect", "initialize", "mode"]

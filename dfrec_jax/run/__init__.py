@@ -1,0 +1,5 @@
+"""The run layer: what training writes and every later command reads, below train/eval/data.
+
+checkpoints (orbax, with the data iterator's state), workdir (config.json, its hash, library
+versions), progress (the console progress line), multihost (process start-up and modes).
+"""
