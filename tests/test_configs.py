@@ -60,9 +60,9 @@ def test_any_mask_ratio_builds_every_config(path, ratio):
             assert model.sirm.identity_tokens == visible, (path, arg)
         else:
             assert model.sirm.identity_tokens == config.model.sirm.identity_tokens > 0
-        head = shapes["params"]["sirm"]["identity_head"]
-        assert model.sirm.identity_tokens in jax.tree.leaves(jax.tree.map(
-            lambda x: x.shape[-1], head)), (path, arg)  # fmt: skip
+        head = shapes["params"]["sirm"]["identity_head"]  # its convs output the identity rows
+        widths = {leaf.shape[-1] for leaf in jax.tree.leaves(head)}
+        assert model.sirm.identity_tokens in widths, (path, arg, widths)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES)

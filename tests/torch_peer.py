@@ -521,14 +521,19 @@ class PeerStep:
 # ----------------------------------------------------------------------------- the comparison
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _seconds(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`."""
     times = []
     for _ in range(max(repeats, 1)):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return round(1e3 * float(np.median(times)), 1)
+    return times
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return round(1e3 * float(np.median(_seconds(fn, repeats))), 1)
 
 
 def profile_parts(peer: PeerStep, batch: dict[str, torch.Tensor], repeats: int) -> dict:
@@ -615,12 +620,7 @@ class _TorchSide:
         self.first_loss = self.step(self.batch)  # warm-up: allocator, oneDNN primitives
 
     def run(self, repeats: int) -> list[float]:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.step(self.batch)
-            times.append(time.perf_counter() - start)
-        return times
+        return _seconds(lambda: self.step(self.batch), repeats)
 
 
 def compare(config, batch_size: int, *, repeats: int = 3, rounds: int = 2):
