@@ -108,7 +108,6 @@ def prepare(data) -> tfds.core.DatasetBuilder:
     return builder
 
 
-
 def prepare_in_every_process(data) -> tfds.core.DatasetBuilder:
     """`prepare(data)` in every process, process 0 first: with several processes it builds a
     missing dataset while the others wait at a barrier, then they open it (several hosts
@@ -118,6 +117,7 @@ def prepare_in_every_process(data) -> tfds.core.DatasetBuilder:
             prepare(data)
         multihost_utils.sync_global_devices("dfrec_jax dataset prepared")
     return prepare(data)
+
 
 def _stale(builder) -> bool:
     """True when the builder's input folder no longer has the fingerprint it was built from."""
