@@ -10,24 +10,24 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from data_pipelines import splits
+from data_pipelines.builders import celeba_megafs, faceforensics, ffhq_e4s, lfw_swap
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 DATASETS = ("lfw_swap", "faceforensics", "celeba_megafs", "ffhq_e4s")
 
 
+_BUILDER_MODULES = {
+    "lfw_swap": lfw_swap,
+    "faceforensics": faceforensics,
+    "celeba_megafs": celeba_megafs,
+    "ffhq_e4s": ffhq_e4s,
+}
+
+
 def _builder_module(name: str):
-    # Imported lazily: each builder pulls in its own heavy pieces (MTCNN, video decoding).
-    if name == "lfw_swap":
-        from data_pipelines.builders import lfw_swap as module
-    elif name == "faceforensics":
-        from data_pipelines.builders import faceforensics as module
-    elif name == "celeba_megafs":
-        from data_pipelines.builders import celeba_megafs as module
-    elif name == "ffhq_e4s":
-        from data_pipelines.builders import ffhq_e4s as module
-    else:
+    if name not in _BUILDER_MODULES:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return module
+    return _BUILDER_MODULES[name]
 
 
 def _chosen_methods(method_dirs, methods) -> dict:

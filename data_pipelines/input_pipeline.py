@@ -77,7 +77,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import blending, swap
+from data_pipelines import blending, perturbations, swap
 from dfrec_jax.host_tf import tf
 
 # Append only: ids are saved in metrics. Compared lower-case; unknown methods map to "other".
@@ -468,8 +468,6 @@ def _evaluation(part: ProcessPart, *, batch_size, seed, perturb, start_batch):
     pad = num_batches * batch_size - local - max(0, skip - local)
     name, level = None, None
     if perturb:
-        from data_pipelines import perturbations
-
         name, level = perturbations.parse(perturb)
     perturb_key = _key(seed, f"perturb:{perturb}")
 

@@ -19,8 +19,10 @@ import sys
 
 import numpy as np
 
-from data_pipelines import splits, swap
+from data_pipelines import landmarks, skips, splits, swap
 from data_pipelines.builders import lfw_swap
+from dfrec_jax import configlib
+from dfrec_jax.pretrained import facenet
 
 
 def _cos(a, b):
@@ -38,9 +40,6 @@ ALPHAS = (0.5, 0.6, 0.7, 0.8, 1.0)
 
 
 def measure(lfw_dir: str, pairs: int = 50, alphas=ALPHAS, alpha_range=swap.MORPH_ALPHA, seed=0):
-    from data_pipelines import landmarks, skips
-    from dfrec_jax.pretrained import facenet
-
     people = splits.scan_lfw(lfw_dir)
     names = [sorted(people)[i] for i in np.random.default_rng(seed).permutation(len(people))]
     detector = landmarks.LandmarkDetector(batch_size=64)
@@ -94,8 +93,6 @@ def measure(lfw_dir: str, pairs: int = 50, alphas=ALPHAS, alpha_range=swap.MORPH
 
 
 def main(argv):
-    from dfrec_jax import configlib
-
     pairs, alphas, alpha_range = 50, ALPHAS, swap.MORPH_ALPHA
     for arg in argv[1:]:
         key, _, value = arg.lstrip("-").partition("=")

@@ -95,6 +95,7 @@ import dataclasses
 
 import cv2
 import numpy as np
+from scipy.spatial import Delaunay  # Qhull: deterministic for the same points
 
 SPLICE_METHODS: tuple[str, ...] = ("hull_blend", "hull_poisson", "elastic_blend", "template_blend")
 MORPH_METHODS: tuple[str, ...] = ("morph_blend",)
@@ -203,8 +204,6 @@ def piecewise_affine_warp(
     source, and the source is resampled once (`cv2.remap`, bilinear, BORDER_REFLECT).
     Pixels no triangle covers, or whose triangle is degenerate, use the similarity.
     """
-    from scipy.spatial import Delaunay  # Qhull: deterministic for the same points
-
     inverse = cv2.invertAffineTransform(matrix.astype(np.float64))
     frame = _frame_points(size)
     dst = np.concatenate([_control_points(target_landmarks), frame])

@@ -29,7 +29,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dfrec_jax import bench, forward, paths, sweep
+from data_pipelines import samples as samples_lib
+from dfrec_jax import bench, convert, export, forward, paths, recover, sweep, trace
 
 COMMANDS = (
     "train", "eval", "recover", "trace", "export", "forward", "bench", "build_data", "samples",
@@ -86,7 +87,6 @@ def build_data(config) -> None:
 
 def samples(config, split: str, output_dir: str, count: int) -> None:
     from data_pipelines import datasets
-    from data_pipelines import samples as samples_lib
 
     pristine = count // 4
     records = samples_lib.write_samples(
@@ -212,16 +212,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _no_config_command(command: str) -> int:
     """recover / trace / export: they read the run's own config; convert writes one."""
     if command == "convert":
-        from dfrec_jax import convert
-
         if not _RELEASED.value or not _OUTPUT.value:
             raise app.UsageError("convert needs --released FILE (.pth or .safetensors) and "
                                  "--output DIR")  # fmt: skip
         convert.run(_RELEASED.value, _OUTPUT.value, config=_CONFIG.value)
         return 0
     if command == "trace":
-        from dfrec_jax import trace
-
         if not _GALLERY.value or len(_INPUT.value) != 1:
             raise app.UsageError("trace needs --gallery DIR and one --input RECOVERY_DIR")
         return trace.run(_GALLERY.value, _INPUT.value[0], output=_OUTPUT.value,
@@ -231,8 +227,6 @@ def _no_config_command(command: str) -> int:
             f"{command} needs --workdir DIR (or --checkpoint DIR) and --output DIR"
         )
     if command == "recover":
-        from dfrec_jax import recover
-
         if not _INPUT.value:
             raise app.UsageError("recover needs --input FILE_OR_DIR (repeatable)")
         return recover.run(
@@ -243,8 +237,6 @@ def _no_config_command(command: str) -> int:
             step=_STEP.value,
             align=_ALIGN.value,
         )
-    from dfrec_jax import export
-
     export.run(
         _OUTPUT.value,
         workdir=_WORKDIR.value,

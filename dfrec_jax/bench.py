@@ -35,7 +35,6 @@ the identity nets, every output back on the host) at batch 1/8/32 unless `--batc
 `--workdir W` uses that run's trained weights instead of a random init.
 """
 
-import functools
 import json
 import os
 import platform
@@ -46,18 +45,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfrec_jax import inference
-
-
-def time_call(fn, *args, repeats: int) -> list[float]:
-    """Seconds per call of an already compiled function, blocking on the outputs."""
-    jax.block_until_ready(fn(*args))  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return times
+from dfrec_jax import (
+    configlib,
+    inference,
+    learning,
+    recover,
+    step_memory,
+    step_profile,
+    trained,
+)
+from dfrec_jax.eval import identity
+from dfrec_jax.run import workdir as workdir_lib
+from dfrec_jax.timing import peak_matmul_tflops, significant, time_call
+from dfrec_jax.train import sharding as sharding_lib
+from dfrec_jax.train import standalone
 
 
 def bench_forward(config, batch_sizes=(1, 8), repeats: int = 5) -> list[dict]:
@@ -65,14 +66,14 @@ def bench_forward(config, batch_sizes=(1, 8), repeats: int = 5) -> list[dict]:
     model = inference.build_model(config)
     variables = inference.init_variables(model, jax.random.key(config.seed))
     counts = inference.param_counts(variables["params"])
-    forward = inference.make_forward(model)
+    forward = inference.make_predict(model, int(config.seed))
     results = []
     for batch in batch_sizes:
         images = jax.random.uniform(
             jax.random.key(1), (batch, model.image_size, model.image_size, 3)
         )
         compile_start = time.perf_counter()
-        times = time_call(forward, variables, images, jax.random.key(2), repeats=repeats)
+        times = time_call(forward, variables, images, repeats=repeats)
         median = float(np.median(times))
         results.append(
             {
@@ -151,118 +152,6 @@ def bench_input_pipeline(config, batch_sizes=(), repeats: int = 5) -> list[dict]
     return results
 
 
-def _significant(x: float, digits: int = 4) -> float:
-    return float(f"{x:.{digits}g}")
-
-
-def flops_of(compiled) -> float | None:
-    """FLOPs XLA's cost analysis counts for one run of a compiled program on one device (a
-    sharded program's per-device part); None when the backend reports none."""
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
-    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops is not None and flops > 0 else None
-
-
-def default_matmul_sizes() -> tuple[int, ...]:
-    return (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192)
-
-
-def peak_matmul_tflops(mesh, sizes=None, repeats: int = 5, dtype=jnp.float32) -> dict:
-    """Best throughput of jitted matmuls [n, m, m] @ [n, m, m] (float32 unless `dtype`), one
-    per device of `mesh` (split over all its axes, so no communication): the same devices and
-    the same default matmul precision as the train step, measured in this process."""
-    n = mesh.devices.size
-    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    matmul = jax.jit(
-        lambda a, b: jnp.einsum("nij,njk->nik", a, b),
-        in_shardings=(sharding, sharding),
-        out_shardings=sharding,
-    )
-    best = {"tflops": 0.0, "size": 0}
-    for size in sizes or default_matmul_sizes():
-        keys = jax.random.split(jax.random.key(0))
-        a, b = (
-            jax.jit(
-                lambda k: jax.random.normal(k, (n, size, size), dtype),
-                out_shardings=sharding,
-            )(k)
-            for k in keys
-        )
-        seconds = min(time_call(matmul, a, b, repeats=repeats))
-        tflops = 2 * n * size**3 / seconds / 1e12
-        if tflops > best["tflops"]:
-            best = {"tflops": tflops, "size": size}
-    return best
-
-
-def synthetic_batch(global_batch: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A deterministic uint8 training batch shaped like the input pipeline's (OUTPUT_KEYS):
-    random source/target faces, an elliptical face mask, image = target pasted into source
-    under the mask for forgeries (label 1, alpha 1) and, for real faces (label 0, alpha 0),
-    image = source = target with mask 255 everywhere (a real face is its own source, the
-    datasets' convention); has_mask 1 for all."""
-    rng = np.random.default_rng(seed)
-    shape = (global_batch, image_size, image_size)
-    source = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-    target = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:image_size, :image_size] / image_size
-    centre = rng.uniform(0.45, 0.55, (global_batch, 2, 1, 1))
-    radius = rng.uniform(0.25, 0.35, (global_batch, 2, 1, 1))
-    inside = ((yy - centre[:, 0]) / radius[:, 0]) ** 2 + ((xx - centre[:, 1]) / radius[:, 1]) ** 2
-    label = (np.arange(global_batch) % 2).astype(np.float32)  # half forgeries
-    real = label[:, None, None] == 0
-    target = np.where(real[..., None], source, target)
-    mask = (inside <= 1.0) | real
-    image = np.where(mask[..., None], target, source)
-    return {
-        "image": image,
-        "source": source,
-        "target": target,
-        "mask": (mask[..., None] * 255).astype(np.uint8),
-        "label": label,
-        "has_mask": np.ones_like(label),
-        "method_id": np.zeros(global_batch, np.int32),
-        "alpha": label.copy(),
-    }
-
-
-def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """Each process puts its own rows, as the input pipeline does (multi-host ready)."""
-    count, index = jax.process_count(), jax.process_index()
-    out = {}
-    for key, value in batch.items():
-        rows = len(value) // count
-        local = value[index * rows : (index + 1) * rows]
-        out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
-    return out
-
-
-def build_train_step(config, mesh, *, loss_nets=None, total_steps: int | None = None):
-    """The real sharded train step of `config` on `mesh` and its fresh state, as `train` builds
-    them: (model, loss nets, optimizer, state, jitted step). `loss_nets`: None = the real frozen
-    networks of config.loss; `total_steps`: the schedule's length (None = config.train.steps)."""
-    from dfrec_jax import loss_nets as loss_nets_lib
-    from dfrec_jax.train import state as state_lib
-    from dfrec_jax.train import step as step_lib
-
-    model = inference.build_model(config)
-    nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
-    weights = loss_nets_lib.loss_weights(config.loss)
-    steps = int(config.train.steps if total_steps is None else total_steps)
-    tx = state_lib.make_optimizer(config.optim, steps)
-    abstract = state_lib.abstract_train_state(config, model, tx)
-    shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
-    state = state_lib.create_train_state(config, model, jax.random.key(config.seed), mesh, tx)
-    train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
-    return model, nets, tx, state, train_step
-
-
 def bench_train_step(
     config,
     batch_sizes=(),
@@ -283,8 +172,6 @@ def bench_train_step(
     `loss_nets`: frozen loss networks (None: the real ones from config.loss); `devices`: the
     mesh's devices (None: all).
     """
-    from dfrec_jax.train import sharding as sharding_lib
-
     start = time.perf_counter()
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     devices = mesh.devices.size
@@ -292,7 +179,9 @@ def bench_train_step(
     for batch_size in batch_sizes:
         if batch_size % devices:
             raise ValueError(f"bench: batch {batch_size} does not split over {devices} devices")
-    model, _, _, state, train_step = build_train_step(config, mesh, loss_nets=loss_nets)
+    model, _, _, state, train_step = standalone.build_train_step(
+        config, mesh, loss_nets=loss_nets
+    )
     jax.block_until_ready(state)
     setup_s = time.perf_counter() - start
     counts = inference.param_counts(state.params)
@@ -304,10 +193,12 @@ def bench_train_step(
 
     results = []
     for batch_size in batch_sizes:
-        batch = _global_batch(
-            synthetic_batch(batch_size, model.image_size, config.seed), batch_sharding
+        batch = standalone.global_batch(
+            standalone.synthetic_batch(batch_size, model.image_size, config.seed), batch_sharding
         )
-        state, measured = measure_step(train_step, state, batch, repeats=repeats, warmup=warmup)
+        state, measured = standalone.measure_step(
+            train_step, state, batch, repeats=repeats, warmup=warmup
+        )
         result = {
             "what": "train_step",
             "image_size": model.image_size,
@@ -319,51 +210,10 @@ def bench_train_step(
         }
         result.update(step_report(measured, batch_size, mesh, peak))
         if peak_compute is not None and result["achieved_tflops"] is not None:
-            result["peak_matmul_tflops_bf16"] = _significant(peak_compute["tflops"])
-            result["mfu_bf16"] = _significant(result["achieved_tflops"] / peak_compute["tflops"])
+            result["peak_matmul_tflops_bf16"] = significant(peak_compute["tflops"])
+            result["mfu_bf16"] = significant(result["achieved_tflops"] / peak_compute["tflops"])
         results.append(result)
     return results
-
-
-def measure_step(train_step, state, batch, *, repeats: int, warmup: int):
-    """Compiles jit `train_step(state, batch) -> (state, metrics)` (the state may be donated;
-    a `step.TrainStep` brings its frozen networks' weights) and times it: returns the new
-    state and compile_s, flops_per_device, times (s), loss."""
-    compiled, compile_s, flops = compile_step(train_step, state, batch)
-    state, times, metrics = time_steps(compiled, state, batch, repeats=repeats, warmup=warmup)
-    measured = {
-        "compile_s": compile_s,
-        "flops_per_device": flops,
-        "times": times,
-        "loss": float(metrics["total"]),
-    }
-    return state, measured
-
-
-def compile_step(train_step, state, batch):
-    """(callable(state, batch), compile seconds, XLA FLOPs per device) of a jitted step."""
-    from dfrec_jax.train import step as step_lib
-
-    start = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    flops = flops_of(compiled)
-    if isinstance(train_step, step_lib.TrainStep):
-        compiled = functools.partial(train_step.call, compiled)
-    return compiled, compile_s, flops
-
-
-def time_steps(compiled, state, batch, *, repeats: int, warmup: int = 0):
-    """`warmup` untimed then `repeats` timed steps, each synced: (state, seconds, metrics)."""
-    metrics = None
-    for _ in range(warmup):
-        state, metrics = jax.block_until_ready(compiled(state, batch))
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        state, metrics = jax.block_until_ready(compiled(state, batch))
-        times.append(time.perf_counter() - start)
-    return state, times, metrics
 
 
 def step_report(measured: dict, batch_size: int, mesh, peak: dict) -> dict:
@@ -377,11 +227,11 @@ def step_report(measured: dict, batch_size: int, mesh, peak: dict) -> dict:
         "step_ms_min": round(1e3 * min(measured["times"]), 2),
         "img_per_s": round(batch_size / step_s, 2),
         "repeats": len(measured["times"]),
-        "loss": _significant(measured["loss"], 6),
+        "loss": significant(measured["loss"], 6),
         "flops_per_step": None,
         "flops_per_device": flops_device,
         "achieved_tflops": None,
-        "peak_matmul_tflops": _significant(peak["tflops"]),
+        "peak_matmul_tflops": significant(peak["tflops"]),
         "peak_matmul_size": peak["size"],
         "mfu": None,
         "device": mesh.devices.flat[0].platform,
@@ -396,8 +246,8 @@ def step_report(measured: dict, batch_size: int, mesh, peak: dict) -> dict:
         achieved = flops / step_s / 1e12
         result.update(
             flops_per_step=flops,
-            achieved_tflops=_significant(achieved),
-            mfu=_significant(achieved / peak["tflops"]),
+            achieved_tflops=significant(achieved),
+            mfu=significant(achieved / peak["tflops"]),
         )
     return result
 
@@ -415,13 +265,7 @@ def bench_recover(
     init of `config`'s model; identity nets: `nets` (IdentityNets) or the real ones from
     `config.eval`.
     """
-    from dfrec_jax import recover
-    from dfrec_jax.eval import identity
-    from dfrec_jax.run import workdir as workdir_lib
-
     if workdir:
-        from dfrec_jax import trained
-
         run = trained.load(workdir=workdir)
         model, variables, seed = run.model, run.variables, int(run.config.seed)
         weights = f"checkpoint {run.checkpoint_dir} step {run.step}"
@@ -471,8 +315,6 @@ def bench_learning(
 ) -> list[dict]:
     """The learning check (dfrec_jax/learning.py): overfit 32 fixed real examples; its
     progress lines are printed as it runs, the returned report is the last line."""
-    from dfrec_jax import learning
-
     del repeats
     batch = int(batch_sizes[0]) if batch_sizes else 8
     report = learning.run_learning_check(
@@ -483,8 +325,6 @@ def bench_learning(
 
 def bench_step_profile(config, batch_sizes=(), repeats: int = 5) -> list[dict]:
     """Where the train step's time goes (dfrec_jax/step_profile.py), at each batch size."""
-    from dfrec_jax import step_profile
-
     results = []
     for batch in batch_sizes or [None]:
         results += step_profile.profile_train_step(config, batch, repeats)
@@ -495,8 +335,6 @@ def bench_memory(config, batch_sizes=(), repeats: int = 0, *, loss_nets=None):
     """Per-device memory of the compiled train step (dfrec_jax/step_memory.py) for every fsdp
     size in 1, 2, 4, ... that divides the devices; batches: `--batch` or 1 and 2 per device.
     After each mesh: the largest global batch that fits 24, 40 and 80 GiB per device."""
-    from dfrec_jax import step_memory
-
     del repeats  # nothing is timed
     devices = jax.device_count()
     batch_sizes = list(batch_sizes) or [devices, 2 * devices]
@@ -515,8 +353,6 @@ class PeerUnavailableError(RuntimeError):
 
 def bench_peer_torch(config, batch_sizes=(), repeats: int = 3) -> list[dict]:
     """The JAX train step beside its PyTorch peer (tests/torch_peer.py), alternating."""
-    from dfrec_jax import configlib
-
     if os.path.isfile(os.path.join(configlib.REPO_ROOT, "tests", "torch_peer.py")):
         sys.path.insert(0, configlib.REPO_ROOT)  # `dfrec-jax` puts only its own folder first
     try:

@@ -28,6 +28,7 @@ import os
 
 import jax
 
+from configs import official
 from dfrec_jax import paths
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.exported import file_sha256
@@ -41,8 +42,6 @@ SOURCE = "DFREC authors' released checkpoint (github.com/botianzhe/DFREC)"
 
 def default_config(state):
     """configs/official.py at `exact=released`, with the learned threshold if the file has it."""
-    from configs import official  # a command: the repository's config files
-
     learned = f"{cr.TIRM}:threshold" in state
     return official.get_config(
         "exact=released_learned_threshold" if learned else "exact=released"

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfrec_jax import inference
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.exported import file_sha256
 from dfrec_jax.run import workdir as workdir_lib
@@ -61,8 +62,8 @@ def _shape(shape) -> list:
 
 
 def export_model(trained, platforms=("cpu", "cuda")) -> jax.export.Exported:
-    """The `jax.export.Exported` of `trained.predict`'s computation (`apply_per_image`, float
-    images) for `trained`'s variables and a symbolic batch of images at its size, lowered for
+    """The `jax.export.Exported` of `trained.predict`'s computation (`inference.apply_per_image`,
+    float images) for `trained`'s variables and a symbolic batch of images at its size, lowered for
     `platforms`."""
     platforms = tuple(platforms)
     unknown = [p for p in platforms if p not in KNOWN_PLATFORMS]
@@ -76,7 +77,7 @@ def export_model(trained, platforms=("cpu", "cuda")) -> jax.export.Exported:
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trained.variables)
     model, seed = trained.model, int(trained.config.seed)
-    function = jax.jit(lambda v, x: trained_lib.apply_per_image(model, v, x, seed))
+    function = inference.make_predict(model, seed)
     try:
         return jax.export.export(function, platforms=platforms)(variables, images)
     except Exception as e:  # noqa: BLE001 - shape-polymorphism / lowering errors, for people

@@ -57,9 +57,7 @@ def run(config, output_dir: str, num_images: int = 8) -> dict:
 
     model = inference.build_model(config)
     variables = inference.init_variables(model, jax.random.key(config.seed))
-    outputs = inference.make_forward(model)(
-        variables, np.stack(batch), jax.random.key(config.seed + 1)
-    )
+    outputs = inference.make_predict(model, int(config.seed))(variables, np.stack(batch))
     outputs = jax.device_get(outputs)
 
     os.makedirs(output_dir, exist_ok=True)

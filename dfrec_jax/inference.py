@@ -1,4 +1,17 @@
-"""Building a DFREC model from a config, initialising it, and a jitted forward function."""
+"""The one inference path: build a DFREC model from a config, initialise it, and apply it
+deterministically per image with float32 outputs.
+
+Every user of a model's outputs outside training (eval, recover, trace, export, bench, the
+learning check, the `forward` command and the trainer's validation and image grids) goes
+through `apply_per_image`, so they all see the same numbers for the same image and weights.
+
+The masking-key rule: at inference every image is run alone (a batch of one, vmapped over the
+batch) with the masking key `jax.random.key(seed)`, `seed` being the run's `config.seed`. The
+masking's tie-break noise is drawn per batch row, and on a pristine face the segmentation map is
+~0 everywhere, so that noise decides which patches are masked: with one key per image, an
+image's outputs never depend on the other images of its batch, its position in it, or which
+batch of a validation pass it fell in. Training draws a fresh key per step (train/step.py).
+"""
 
 import functools
 from typing import Any
@@ -53,11 +66,36 @@ def param_counts(params) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def make_forward(model: DFREC):
-    """jit(variables, images, rng) -> outputs dict, in inference mode."""
+OUTPUT_KEYS = ("seg", "forgery_logit", "source", "target", "mask")
 
-    @jax.jit
-    def forward(variables: Any, images: jax.Array, rng: jax.Array):
-        return model.apply(variables, images, train=False, rngs={"masking": rng})
 
-    return forward
+def apply_per_image(
+    model: DFREC, variables: Any, images: jax.Array, seed: int, keys=OUTPUT_KEYS
+) -> dict:
+    """DFREC outputs `keys` (None: every output, e.g. what the losses read) for images
+    [B,S,S,3] (uint8, or float in [0, 1]), each image run alone with the masking key
+    `jax.random.key(seed)` (the module's rule); floating outputs in float32 whatever the
+    compute dtype. Traceable: use it under jit."""
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+
+    def one(image):
+        out = model.apply(variables, image[None], train=False,
+                          rngs={"masking": jax.random.key(seed)})  # fmt: skip
+        return {k: v[0] for k, v in out.items() if keys is None or k in keys}
+
+    return float32_outputs(jax.vmap(one)(images))
+
+
+def float32_outputs(outputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Floating outputs in float32 (bf16 compute -> fp32 losses and records); indices and
+    masks as they are."""
+    return {
+        k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
+        for k, v in outputs.items()
+    }
+
+
+def make_predict(model: DFREC, seed: int):
+    """jit(variables, images) -> `apply_per_image(model, variables, images, seed)`."""
+    return jax.jit(functools.partial(apply_per_image, model, seed=seed))

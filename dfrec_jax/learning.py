@@ -25,13 +25,22 @@ passes when target_idsim ends at least 0.3 above none_target_idsim and mask_iou 
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import landmarks as landmarks_lib
+from data_pipelines import swap
 from dfrec_jax import images as images_lib
+from dfrec_jax import inference
+from dfrec_jax.eval import identity, metrics
+from dfrec_jax.forward import first_image_per_person
+from dfrec_jax.pretrained import facenet
+from dfrec_jax.train import sharding as sharding_lib
+from dfrec_jax.train import standalone
 
 MORPH_METHOD = "morph_blend"
 
@@ -48,9 +57,6 @@ def make_examples(
     """The fixed example set as arrays shaped like input-pipeline batches, forgeries
     and pristine faces interleaved so every batch of an even size holds both kinds. Each
     example uses a different person; people are taken in a seeded order."""
-    from data_pipelines import landmarks as landmarks_lib
-    from data_pipelines import swap
-    from dfrec_jax.forward import first_image_per_person
 
     people = first_image_per_person(lfw_dir, count=-1)  # every person's first image
     order = np.random.default_rng(seed).permutation(len(people))
@@ -110,8 +116,6 @@ def reference_embeddings(examples: dict, embed) -> dict:
 def score(outputs: dict, examples: dict, embed, references: dict | None = None) -> dict:
     """The check's numbers for model `outputs` (float, per image) on `examples` (uint8);
     `references`: `reference_embeddings(examples, embed)` when the caller scores repeatedly."""
-    from dfrec_jax.eval import identity, metrics
-
     def _cos(a, b):
         return np.asarray(identity.cosine(a, b))
 
@@ -167,11 +171,6 @@ def run_learning_check(
     """Trains on the fixed examples and returns the final report (also logged as JSON lines
     through `log`). `examples`, `loss_nets`, `embed` (images -> embeddings): injectable for
     tests; by default the real LFW examples, loss networks and FaceNet."""
-    import json
-
-    from dfrec_jax import bench, trained
-    from dfrec_jax.train import sharding as sharding_lib
-
     start = time.perf_counter()
     config = overfit_config(config, steps=steps, batch_size=batch_size,
                             learning_rate=learning_rate)  # fmt: skip
@@ -183,22 +182,20 @@ def run_learning_check(
     if n % batch_size:
         raise ValueError(f"learning check: {n} examples do not split into batches of {batch_size}")
     if embed is None:
-        from dfrec_jax.pretrained import facenet
-
         net = facenet.load_named(config.eval.identity_net, config.eval.identity_weights, "eval")
         embed = jax.jit(lambda x: net(x)["embedding"])
 
     mesh = sharding_lib.make_mesh(config.mesh)
-    model, _, _, state, train_step = bench.build_train_step(
+    model, _, _, state, train_step = standalone.build_train_step(
         config, mesh, loss_nets=loss_nets, total_steps=steps
     )
     batch_sharding = sharding_lib.batch_sharding(mesh)
     batches = [
-        bench._global_batch({k: v[i : i + batch_size] for k, v in examples.items()},
-                            batch_sharding)  # fmt: skip
+        standalone.global_batch({k: v[i : i + batch_size] for k, v in examples.items()},
+                                batch_sharding)  # fmt: skip
         for i in range(0, n, batch_size)
     ]
-    predict = jax.jit(lambda variables, x: trained.apply_per_image(model, variables, x, 0))
+    predict = inference.make_predict(model, int(config.seed))
     inputs = jnp.asarray(examples["image"], jnp.float32) / 255.0
     references = reference_embeddings(examples, embed)  # fixed images: embedded once
 

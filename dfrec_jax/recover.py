@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -57,7 +58,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from configs import default
+from data_pipelines import alignment
 from dfrec_jax import images as image_io
+from dfrec_jax import inference
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import identity
 from dfrec_jax.run import workdir as workdir_lib
@@ -192,14 +196,14 @@ def make_recover_fn(model, nets: identity.IdentityNets, seed: int):
     """jit(variables, uint8 images [B,S,S,3]) -> DFREC outputs and identity similarities.
 
     Returns uint8 seg [B,S,S,1], source and target [B,S,S,3], float32 forgery_logit [B] and
-    {"facenet", "dlib"} cosines [B] of the input and the 8-bit recovered target. Every image
-    sees the same masking key (vmapped batch of one), so results do not depend on batch order.
+    {"facenet", "dlib"} cosines [B] of the input and the 8-bit recovered target; the model's
+    outputs are `inference.apply_per_image`'s (each image alone, one masking key).
     """
 
     @jax.jit
     def recover_fn(variables, images):
         inputs = images.astype(jnp.float32) / 255.0
-        out = trained_lib.apply_per_image(model, variables, inputs, seed)
+        out = inference.apply_per_image(model, variables, inputs, seed)
         result = {k: _to_uint8(out[k]) for k in ("seg", "source", "target")}
         result["forgery_logit"] = out["forgery_logit"]
         n = images.shape[0]
@@ -272,8 +276,6 @@ class _Recoverer:
             "panel": panel(image, out["seg"], out["source"], out["target"]),
         }
         if item["align"] is not None:
-            from data_pipelines import alignment
-
             original, matrix = item["original"], item["align"]["matrix"]
             pictures["aligned"] = image
             pictures["source_full"] = alignment.paste_back(original, out["source"], matrix)
@@ -326,8 +328,6 @@ class _Recoverer:
 def _align_record(align: dict | None) -> dict | None:
     if align is None:
         return None
-    from data_pipelines import alignment
-
     face = align["face"]
     return {
         "detector": align["detector"],
@@ -355,8 +355,6 @@ def _describe_detector(detector) -> dict:
         if hasattr(detector, attr):
             description[attr] = getattr(detector, attr)
     try:
-        import importlib.metadata
-
         description["mtcnn_version"] = importlib.metadata.version("mtcnn")
     except importlib.metadata.PackageNotFoundError:
         pass
@@ -376,8 +374,6 @@ def _prepare(path: str, stem: str, size: int, detector, detector_info) -> dict:
             )
         item["model_input"] = rgb
         return item
-    from data_pipelines import alignment
-
     try:
         face = detector.largest(rgb)
     except Exception as e:  # noqa: BLE001 - a detector failure on one image is a skip
@@ -395,8 +391,6 @@ def _eval_section(config):
     record)."""
     if "eval" in config:
         return config.eval, "run config.json"
-    from configs import default
-
     return default.eval_config(), "configs/default.py eval_config() (run config has no eval)"
 
 
@@ -425,8 +419,6 @@ def run(
     if not align:
         detector = None
     elif detector is None:
-        from data_pipelines import alignment  # TensorFlow (MTCNN) only with --align
-
         detector = alignment.FaceDetector()
     detector_info = _describe_detector(detector) if align else None
     os.makedirs(output_dir, exist_ok=True)

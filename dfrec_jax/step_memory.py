@@ -20,6 +20,10 @@ import numpy as np
 
 from dfrec_jax import inference, losses
 from dfrec_jax import loss_nets as loss_nets_lib
+from dfrec_jax.train import sharding as sharding_lib
+from dfrec_jax.train import standalone
+from dfrec_jax.train import state as state_lib
+from dfrec_jax.train import step as step_lib
 
 GIB = 2**30
 
@@ -52,9 +56,7 @@ def replicated_params(abstract_params, sharding_tree) -> dict:
 
 
 def _abstract_batch(batch_size: int, image_size: int, sharding) -> dict:
-    from dfrec_jax.bench import synthetic_batch
-
-    example = synthetic_batch(1, image_size)
+    example = standalone.synthetic_batch(1, image_size)
     return {
         k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=sharding)
         for k, v in example.items()
@@ -63,10 +65,6 @@ def _abstract_batch(batch_size: int, image_size: int, sharding) -> dict:
 
 def measure(config, batch_sizes, fsdp_sizes, *, loss_nets=None) -> list[dict]:
     """One record per (fsdp size, batch size): per-device bytes of the compiled train step."""
-    from dfrec_jax.train import sharding as sharding_lib
-    from dfrec_jax.train import state as state_lib
-    from dfrec_jax.train import step as step_lib
-
     devices = jax.devices()
     model = inference.build_model(config)
     nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)

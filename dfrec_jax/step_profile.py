@@ -28,17 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfrec_jax import bench, losses
+from dfrec_jax import losses, timing
+from dfrec_jax.train import sharding as sharding_lib
+from dfrec_jax.train import standalone
 
 
 def _timed(fn, *args, repeats: int) -> dict:
-    """Compile jitted `fn` for `args`, then `bench.time_call` it (one warm-up, `repeats` timed)."""
+    """Compile jitted `fn` for `args`, then `timing.time_call` it (one warm-up, `repeats` timed)."""
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    times = bench.time_call(compiled, *args, repeats=max(repeats, 1))
+    times = timing.time_call(compiled, *args, repeats=max(repeats, 1))
     return {"seconds": float(np.median(times)), "compile_s": compile_s,
-            "flops": bench.flops_of(compiled)}  # fmt: skip
+            "flops": timing.flops_of(compiled)}  # fmt: skip
 
 
 def _model_program(model):
@@ -82,12 +84,12 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
                        *, loss_nets=None, matmul_sizes=None) -> list[dict]:  # fmt: skip
     """One dict per part (module docstring) and a summary; `loss_nets` and the peak's
     `matmul_sizes` injectable for tests."""
-    from dfrec_jax.train import sharding as sharding_lib
-
     batch_size = int(batch_size or config.data.batch_size)
     mesh = sharding_lib.make_mesh(config.mesh)
-    model, nets, tx, state, train_step = bench.build_train_step(config, mesh, loss_nets=loss_nets)
-    peak = bench.peak_matmul_tflops(mesh, matmul_sizes)["tflops"]
+    model, nets, tx, state, train_step = standalone.build_train_step(
+        config, mesh, loss_nets=loss_nets
+    )
+    peak = timing.peak_matmul_tflops(mesh, matmul_sizes)["tflops"]
     size = model.image_size
 
     rng = np.random.default_rng(config.seed)
@@ -113,10 +115,10 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
     parts["optimizer"] = _timed(jax.jit(update), state.params, state.opt_state, grads,
                                 repeats=repeats)  # fmt: skip
 
-    batch = bench._global_batch(
-        bench.synthetic_batch(batch_size, size, config.seed), sharding_lib.batch_sharding(mesh)
+    batch = standalone.global_batch(
+        standalone.synthetic_batch(batch_size, size, config.seed), sharding_lib.batch_sharding(mesh)
     )
-    _, measured = bench.measure_step(train_step, state, batch, repeats=repeats, warmup=1)
+    _, measured = standalone.measure_step(train_step, state, batch, repeats=repeats, warmup=1)
     step_s = float(np.median(measured["times"]))
     per_device = measured["flops_per_device"]
     parts["step"] = {"seconds": step_s, "compile_s": measured["compile_s"],
@@ -132,8 +134,8 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
             "dtype": str(config.model.dtype),
             "ms": round(1e3 * part["seconds"], 1),
             "share_of_step": round(part["seconds"] / step_s, 3),
-            "gflop": bench._significant(part["flops"] / 1e9) if part["flops"] else None,
-            "achieved_tflops": bench._significant(achieved) if achieved else None,
+            "gflop": timing.significant(part["flops"] / 1e9) if part["flops"] else None,
+            "achieved_tflops": timing.significant(achieved) if achieved else None,
             "mfu": round(achieved / peak, 3) if achieved else None,
             "compile_s": round(part["compile_s"], 1),
         })  # fmt: skip

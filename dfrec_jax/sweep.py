@@ -37,6 +37,8 @@ from typing import Any, TextIO
 
 import ml_collections
 
+from dfrec_jax import inference
+
 Point = dict[str, Any]
 
 
@@ -185,8 +187,6 @@ def train_commands(
 def check_models(configs: Sequence[ml_collections.ConfigDict]) -> None:
     """Builds every distinct model (shapes only, nothing computed); ValueError names the bad
     point (e.g. a mask ratio whose visible-patch count the identity tokens do not match)."""
-    from dfrec_jax import inference  # JAX only when a sweep is checked
-
     seen = set()
     for i, config in enumerate(configs):
         key = config.model.to_json()

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import default
 from dfrec_jax import images as image_io
 from dfrec_jax import recover
 from dfrec_jax.eval import identity
@@ -273,8 +274,6 @@ def run(
 ) -> int:
     """Ranks the gallery for every recovered face in `input_dir`; writes the JSON report and
     prints the table. Returns the exit code. `nets` defaults to the real identity networks."""
-    from configs import default  # the repository's config files (trace has no run folder)
-
     if rank_by not in identity.NAMES:
         raise ValueError(f"rank_by must be one of {identity.NAMES}, got {rank_by!r}")
     if top_k < 1:

@@ -11,12 +11,9 @@ parameters and batch statistics from the orbax checkpoint, read alone onto one d
 process (the optimizer state is never read or built: a run whose optimizer config has
 changed since still loads). Nothing here imports TensorFlow.
 
-Inference is deterministic and per image: every image is run as a batch of one (vmapped) with
-the same masking key (`config.seed`), so an image's outputs never depend on the other images
-of its batch or on its position in it (the masking's tie-break noise is drawn per batch row,
-and on a trained model's pristine faces, where the map is ~0 everywhere, that noise decides
-which patches are masked). The same input and checkpoint give the same outputs, which the
-evidence records rely on.
+Inference is `inference.apply_per_image`: deterministic and per image (the masking-key rule
+is written there), so the same input and checkpoint give the same outputs, which the evidence
+records rely on.
 """
 
 from __future__ import annotations
@@ -29,15 +26,15 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
 from dfrec_jax import inference, paths
 from dfrec_jax.models import DFREC
+from dfrec_jax.run import checkpoints
+from dfrec_jax.run import workdir as workdir_lib
 
-OUTPUT_KEYS = ("seg", "forgery_logit", "source", "target", "mask")
 PROVENANCE = "provenance.json"  # beside config.json in a converted workdir (`convert`)
 
 
@@ -107,22 +104,6 @@ def _locate(workdir: str | None, checkpoint: str | None) -> tuple[str, str]:
     raise FileNotFoundError(f"no config.json in {checkpoint} or its parent folder")
 
 
-def apply_per_image(model: DFREC, variables: Any, images: jax.Array, seed: int) -> dict:
-    """DFREC outputs (OUTPUT_KEYS) for float images [B,S,S,3] in [0,1], each image run alone
-    with the masking key `seed` (see the module docstring); traceable, for use under jit."""
-
-    def one(image):
-        out = model.apply(variables, image[None], train=False,
-                          rngs={"masking": jax.random.key(seed)})  # fmt: skip
-        return {k: out[k][0] for k in OUTPUT_KEYS}
-
-    out = jax.vmap(one)(images)
-    return {
-        k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
-        for k, v in out.items()
-    }
-
-
 @dataclasses.dataclass
 class TrainedModel:
     config: ml_collections.ConfigDict
@@ -149,15 +130,7 @@ class TrainedModel:
 
     @functools.cached_property
     def _predict(self):
-        model, seed = self.model, int(self.config.seed)
-
-        @jax.jit
-        def predict(variables, images):
-            if images.dtype == jnp.uint8:
-                images = images.astype(jnp.float32) / 255.0
-            return apply_per_image(model, variables, images, seed)
-
-        return predict
+        return inference.make_predict(self.model, int(self.config.seed))
 
     def predict(self, images) -> dict[str, jax.Array]:
         """Model outputs (seg, forgery_logit, source, target, mask) for images [B,S,S,3] (uint8,
@@ -170,8 +143,6 @@ def load(
 ) -> TrainedModel:
     """The model of a run: `workdir` (its checkpoints/ and config.json) or `checkpoint` (a
     checkpoints folder whose config.json is beside or inside it); newest step unless `step`."""
-    from dfrec_jax.run import checkpoints  # orbax; no TensorFlow, no optimizer
-
     ckpt_dir, config_path = _locate(workdir, checkpoint)
     config = read_config(config_path)
     model = inference.build_model(config)
@@ -193,8 +164,6 @@ def load(
     if paths.exists(hash_path):
         digest = paths.read_text(hash_path).strip()
     else:
-        from dfrec_jax.run import workdir as workdir_lib
-
         digest = workdir_lib.config_hash(config)
     provenance_path = paths.join(os.path.dirname(config_path), PROVENANCE)
     provenance = None

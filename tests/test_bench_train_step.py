@@ -17,8 +17,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfrec_jax import bench, configlib
-from dfrec_jax.train import sharding
+from dfrec_jax import bench, configlib, timing
+from dfrec_jax.train import sharding, standalone
 from tests import tiny
 
 M, K = 64, 128  # stand-in step: per device [1, M, K] @ [K, K]
@@ -51,9 +51,9 @@ def test_measured_step_report_is_consistent(mesh):
     step = _stand_in_step(mesh)
     state = {"w": jax.device_put(jnp.full((K, K), 0.01), NamedSharding(mesh, P()))}
     x = np.ones((devices, M, K), np.float32)
-    batch = bench._global_batch({"image": x}, sharding.batch_sharding(mesh))
+    batch = standalone.global_batch({"image": x}, sharding.batch_sharding(mesh))
     assert batch["image"].sharding.spec == P(("data", "fsdp"))
-    state, measured = bench.measure_step(step, state, batch, repeats=3, warmup=1)
+    state, measured = standalone.measure_step(step, state, batch, repeats=3, warmup=1)
     assert len(measured["times"]) == 3 and measured["compile_s"] > 0
     # 1 + 3 calls each halve w (the donated state is threaded through); the loss is the
     # last call's, computed with the w it received.
@@ -62,7 +62,7 @@ def test_measured_step_report_is_consistent(mesh):
     matmul = 2 * M * K * K  # one device's share; the rest is a few elementwise ops
     assert matmul <= measured["flops_per_device"] <= 1.05 * matmul
 
-    peak = bench.peak_matmul_tflops(mesh, sizes=(64, 128), repeats=2)
+    peak = timing.peak_matmul_tflops(mesh, sizes=(64, 128), repeats=2)
     assert peak["size"] in (64, 128) and peak["tflops"] > 0
     report = bench.step_report(measured, devices, mesh, peak)
     json.dumps(report)
@@ -95,22 +95,22 @@ def test_flops_of_handles_every_cost_analysis_shape():
                 raise self.analysis
             return self.analysis
 
-    assert bench.flops_of(Compiled({"flops": 12.0})) == 12.0
-    assert bench.flops_of(Compiled([{"flops": 7.0, "bytes accessed": 3.0}])) == 7.0
-    assert bench.flops_of(Compiled([])) is None
-    assert bench.flops_of(Compiled(None)) is None
-    assert bench.flops_of(Compiled({"flops": -1.0})) is None
-    assert bench.flops_of(Compiled(NotImplementedError("no cost model"))) is None
+    assert timing.flops_of(Compiled({"flops": 12.0})) == 12.0
+    assert timing.flops_of(Compiled([{"flops": 7.0, "bytes accessed": 3.0}])) == 7.0
+    assert timing.flops_of(Compiled([])) is None
+    assert timing.flops_of(Compiled(None)) is None
+    assert timing.flops_of(Compiled({"flops": -1.0})) is None
+    assert timing.flops_of(Compiled(NotImplementedError("no cost model"))) is None
 
 
 def test_synthetic_batch_is_deterministic_and_shaped_like_the_pipeline():
     from data_pipelines import input_pipeline
 
-    a, b = bench.synthetic_batch(4, 32, seed=3), bench.synthetic_batch(4, 32, seed=3)
+    a, b = standalone.synthetic_batch(4, 32, seed=3), standalone.synthetic_batch(4, 32, seed=3)
     assert set(a) == set(input_pipeline.OUTPUT_KEYS)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    assert not np.array_equal(a["image"], bench.synthetic_batch(4, 32, seed=4)["image"])
+    assert not np.array_equal(a["image"], standalone.synthetic_batch(4, 32, seed=4)["image"])
     for key in ("image", "source", "target"):
         assert a[key].shape == (4, 32, 32, 3) and a[key].dtype == np.uint8
     assert a["mask"].shape == (4, 32, 32, 1) and a["mask"].dtype == np.uint8

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from dfrec_jax import export, exported, trained
+from dfrec_jax import export, exported, inference, trained
 from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def test_fresh_process_matches_live_model_without_training_code(run, live):
     for name, images in run["images"].items():
         expected = jax.device_get(live.predict(images))
         got = dict(np.load(root / f"out_{name}.npz"))
-        assert sorted(got) == sorted(trained.OUTPUT_KEYS)
+        assert sorted(got) == sorted(inference.OUTPUT_KEYS)
         assert got["seg"].shape == (len(images), SIZE, SIZE, 1)
         np.testing.assert_array_equal(got["mask"], expected["mask"])
         for key in ("seg", "forgery_logit", "source", "target"):

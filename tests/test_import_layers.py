@@ -1,7 +1,7 @@
 """Imports go one way: each module imports only from its own layer or the layers below
 (README "Layout"). Every import counts, at module level or inside a function.
 
-  0 base       configlib, paths, host_tf, images, batch, masking
+  0 base       configlib, paths, host_tf, images, batch, masking, timing
   1 model      models/, losses, inference
   2 pretrained pretrained/, loss_nets
   3 run        run/ (checkpoints, workdir, progress, multihost), trained, exported
@@ -27,6 +27,7 @@ LAYERS = {  # module prefix -> layer; the longest prefix wins
     "dfrec_jax.images": 0,
     "dfrec_jax.batch": 0,
     "dfrec_jax.masking": 0,
+    "dfrec_jax.timing": 0,
     "dfrec_jax.models": 1,
     "dfrec_jax.losses": 1,
     "dfrec_jax.inference": 1,

@@ -15,6 +15,7 @@ import pytest
 
 from configs import demo
 from dfrec_jax import inference, loss_nets, losses
+from dfrec_jax.train import standalone
 from tests.lfw import real_faces
 
 torch = pytest.importorskip("torch", reason="test-only dependency: pip install torch==2.13.0")
@@ -131,9 +132,7 @@ def test_peer_network_is_ours_in_size_and_trains(config, nets):
     # The release's attention gates are a little wider than the paper's (sirm.gate="paper").
     assert 0 <= parts["sirm"] - ours["sirm"] <= 0.01 * ours["sirm"], (parts, ours)
 
-    from dfrec_jax import bench
-
-    batch = torch_peer.nchw_batch(bench.synthetic_batch(2, config.model.image_size))
+    batch = torch_peer.nchw_batch(standalone.synthetic_batch(2, config.model.image_size))
     before = [p.detach().clone() for p in peer.parameters() if p.requires_grad]
     first, second = step(batch), step(batch)
     assert np.isfinite(first) and np.isfinite(second) and first != second

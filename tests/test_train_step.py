@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from configs import default as default_config
 from configs import demo as demo_config
 from dfrec_jax import inference, losses, masking
-from dfrec_jax.train import sharding
+from dfrec_jax.train import sharding, standalone
 from dfrec_jax.train import state as state_lib
 from dfrec_jax.train import step as step_lib
 
@@ -595,15 +595,15 @@ def test_data_parallel_dfrec_step_moves_no_batch_rows():
     all-gather (the token scatters keep the batch axis sharded, masking.scatter_tokens) and no
     all-to-all or collective-permute (the loss networks see each example's recovered faces
     interleaved, on the example's device, losses._interleave)."""
-    from dfrec_jax import bench
     from tests import tiny
 
     config = tiny.tiny_config()
     config.mesh.update(data=8, fsdp=1)
     mesh = sharding.make_mesh(config.mesh)
-    _, _, _, state, step = bench.build_train_step(config, mesh, loss_nets=tiny.tiny_loss_nets())
-    batch = bench.synthetic_batch(16, config.model.image_size)
-    batch = bench._global_batch(batch, sharding.batch_sharding(mesh))
+    nets = tiny.tiny_loss_nets()
+    _, _, _, state, step = standalone.build_train_step(config, mesh, loss_nets=nets)
+    batch = standalone.synthetic_batch(16, config.model.image_size)
+    batch = standalone.global_batch(batch, sharding.batch_sharding(mesh))
     hlo = step.lower(state, batch).compile().as_text()
     batch_moves = re.compile(r" (all-gather|all-to-all|collective-permute)(-start)?\(")
     moves = [line.strip()[:120] for line in hlo.splitlines() if batch_moves.search(line)]
@@ -614,15 +614,14 @@ def test_data_parallel_dfrec_step_moves_no_batch_rows():
 def test_step_with_the_real_loss_networks_holds_no_large_constants():
     """FaceNet, VGG16 and face-api (155 MB) enter the step as arguments: the lowered program's
     constants stay under 1 MB."""
-    from dfrec_jax import bench
     from tests import tiny
 
     config = tiny.tiny_config()
     mesh = sharding.make_mesh(config.mesh)
-    _, nets, _, state, step = bench.build_train_step(config, mesh)
+    _, nets, _, state, step = standalone.build_train_step(config, mesh)
     assert sum(a.nbytes for a in step.frozen_arrays) > 100e6
-    batch = bench.synthetic_batch(8, config.model.image_size)
-    batch = bench._global_batch(batch, sharding.batch_sharding(mesh))
+    batch = standalone.synthetic_batch(8, config.model.image_size)
+    batch = standalone.global_batch(batch, sharding.batch_sharding(mesh))
     assert _constant_bytes(step.lower(state, batch).as_text()) < 1e6
     # The check sees constants: the identity network closed over instead is over the bound.
     baked = jax.jit(lambda x: nets.identity(x)[1]).lower(jnp.zeros((1, 32, 32, 3)))

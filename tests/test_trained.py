@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dfrec_jax import trained
+from dfrec_jax import inference, trained
 from tests import tiny
 
 
@@ -38,7 +38,7 @@ def test_checkpoint_folder_equals_workdir_and_predict_is_deterministic(run_dir):
     assert a.params_sha256 == b.params_sha256 and a.step == b.step
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     out_a, out_b = jax.device_get(a.predict(images)), jax.device_get(b.predict(images))
-    assert set(out_a) == set(trained.OUTPUT_KEYS)
+    assert set(out_a) == set(inference.OUTPUT_KEYS)
     for key in out_a:
         np.testing.assert_array_equal(out_a[key], out_b[key])
     # uint8 input is the same as its float [0, 1] version.

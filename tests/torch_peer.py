@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from flax import traverse_util
 from torch import nn
 
-from dfrec_jax import bench, loss_nets
+from dfrec_jax import loss_nets
 from dfrec_jax.models.dfrec import identity_tokens
 from dfrec_jax.pretrained import attributes, facenet, vgg
-from dfrec_jax.train import sharding
+from dfrec_jax.train import sharding, standalone
 from tests.test_convert_released import MAE, SourceRecoverNetAttention2
 from tests.test_facenet import _torch_inception_resnet_v1
 from tests.test_released_parity import DeepLabV3PlusB0, _put, _take, calcmask, patchify, unpatchify
@@ -482,7 +482,7 @@ def frozen_nets(nets) -> dict[str, nn.Module]:
 
 
 def nchw_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """bench.synthetic_batch's uint8 NHWC batch as the float32 NCHW tensors the step takes."""
+    """standalone.synthetic_batch's uint8 NHWC batch as the float32 NCHW tensors the step takes."""
     out = {}
     for key in ("image", "source", "target", "mask"):
         out[key] = torch.from_numpy(np.ascontiguousarray(batch[key].transpose(0, 3, 1, 2)))
@@ -597,19 +597,23 @@ def bfloat16_config(config):
 
 
 class _JaxSide:
-    """The real jitted train step of `config` (bench.build_train_step), compiled once."""
+    """The real jitted train step of `config` (standalone.build_train_step), compiled once."""
 
     def __init__(self, config, nets, batch_np, mesh):
-        _, _, _, self.state, step = bench.build_train_step(config, mesh, loss_nets=nets)
-        self.batch = bench._global_batch(batch_np, sharding.batch_sharding(mesh))
-        self.step, self.compile_s, self.flops = bench.compile_step(step, self.state, self.batch)
+        _, _, _, self.state, step = standalone.build_train_step(config, mesh, loss_nets=nets)
+        self.batch = standalone.global_batch(batch_np, sharding.batch_sharding(mesh))
+        compiled = standalone.compile_step(step, self.state, self.batch)
+        self.step, self.compile_s, self.flops = compiled
         self.params = sum(x.size for x in jax.tree.leaves(self.state.params))
-        self.state, _, metrics = bench.time_steps(self.step, self.state, self.batch, repeats=1)
-        self.first_loss = float(metrics["total"])
+        self.first_loss = float(self._steps(1)[1]["total"])
+
+    def _steps(self, repeats: int):
+        self.state, times, metrics = standalone.time_steps(self.step, self.state, self.batch,
+                                                           repeats=repeats)  # fmt: skip
+        return times, metrics
 
     def run(self, repeats: int) -> list[float]:
-        self.state, times, _ = bench.time_steps(self.step, self.state, self.batch, repeats=repeats)
-        return times
+        return self._steps(repeats)[0]
 
 
 class _TorchSide:
@@ -635,7 +639,8 @@ def compare(config, batch_size: int, *, repeats: int = 3, rounds: int = 2):
     if config.loss.dtype != "float32" or config.model.dtype != "float32":
         raise ValueError("bench --what peer_torch compares float32 steps: use a float32 config "
                          "(the bfloat16 JAX step is measured beside it)")  # fmt: skip
-    batch_np = bench.synthetic_batch(batch_size, int(config.model.image_size), int(config.seed))
+    size, seed = int(config.model.image_size), int(config.seed)
+    batch_np = standalone.synthetic_batch(batch_size, size, seed)
     sides = {
         "jax": _JaxSide(config, nets, batch_np, mesh),
         "torch": _TorchSide(config, nets, batch_np),

@@ -58,7 +58,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import splits
+from data_pipelines import alignment, splits
 from data_pipelines.builders import paired_images
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
@@ -239,8 +239,6 @@ class _Original:
         return (face.keypoints + 0.5) / scale - 0.5
 
     def faces_at(self, indices) -> dict:
-        from data_pipelines import alignment
-
         need = sorted({i for i in indices if i not in self.faces})
         if need:
             try:
@@ -398,8 +396,6 @@ class FaceForensics(paired_images.ManualBuilder):
         return self._annotated(split, self._parts(split, plan, pristine))
 
     def _parts(self, split: str, plan: list, pristine: list):
-        from data_pipelines import alignment
-
         config = self.builder_config
         size = config.image_size
         counter = self._counters[split]

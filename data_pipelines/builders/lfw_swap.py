@@ -55,7 +55,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import features, skips, splits, swap
+from data_pipelines import features, landmarks, skips, splits, swap
 from dfrec_jax import (
     configlib,
     host_tf,  # noqa: F401  (TensorFlow kept off the accelerators)
@@ -175,8 +175,6 @@ def pick_method(methods: tuple[str, ...], morph_fraction: float, rng: np.random.
 @functools.lru_cache(maxsize=1)
 def _landmark_detector():
     # Imported and built lazily: it loads face-api weights and compiles once per process.
-    from data_pipelines import landmarks
-
     return landmarks.LandmarkDetector()
 
 
@@ -361,8 +359,6 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         size = cfg.image_size
         scale = size / NATIVE_SIZE
-        from data_pipelines.landmarks import hull_mask
-
         def at_size(face):
             if size == NATIVE_SIZE:
                 return face.image, face.landmarks
@@ -376,7 +372,7 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
 
         for face in faces:
             image, lm = at_size(face)
-            face_mask = hull_mask(lm, size)
+            face_mask = landmarks.hull_mask(lm, size)
             pristine = features.pristine_example(image, face_mask, lm, face.person)
             yield f"{face.key}/pristine", encode_pngs(pristine, size)
             others = [p for p in people if p != face.person]

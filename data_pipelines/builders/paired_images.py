@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import features, skips, splits
+from data_pipelines import alignment, features, landmarks, skips, splits
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,11 @@ class EmptySplitError(ValueError):
 
 @functools.lru_cache(maxsize=None)
 def face_detector(min_confidence: float = 0.9, min_face_size: int = 20):
-    from data_pipelines import alignment  # lazy: MTCNN pulls in TensorFlow's Keras
-
     return alignment.FaceDetector(min_confidence=min_confidence, min_face_size=min_face_size)
 
 
 @functools.lru_cache(maxsize=None)
 def landmark_detector(batch_size: int = 64):
-    from data_pipelines import landmarks
-
     return landmarks.LandmarkDetector(batch_size=batch_size)
 
 
@@ -311,8 +307,6 @@ class Annotator:
     def flush(self) -> list:
         if not self.pending:
             return []
-        from data_pipelines import landmarks
-
         crops = []
         for _, parts in self.pending:
             crops.append(parts["image"])

@@ -15,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from dfrec_jax.pretrained import dlib_resnet, facenet
+
 Embed = Callable[[jax.Array], jax.Array]
 NAMES = ("facenet", "dlib")
 
@@ -41,8 +43,6 @@ class IdentityNets:
 
 def load(eval_config) -> IdentityNets:
     """The real networks (weights from registry packages or the config's paths), jitted."""
-    from dfrec_jax.pretrained import dlib_resnet, facenet
-
     net = facenet.load_named(eval_config.identity_net, eval_config.identity_weights, "eval")
     descriptor = dlib_resnet.DlibDescriptor.load(eval_config.dlib_weights or None)
     # Partial pytrees: jitted callers can take the weights as arguments (not constants).

@@ -55,11 +55,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from data_pipelines import datasets, input_pipeline, perturbations
+from data_pipelines.features import to_uint8
+from data_pipelines.input_pipeline import METHODS
+from data_pipelines.landmarks import LandmarkDetector
 from dfrec_jax import losses, paths
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import baselines, identity, metrics, pose, report
+from dfrec_jax.pretrained import inception_fid, vgg
 from dfrec_jax.run import multihost
+from dfrec_jax.run import workdir as workdir_lib
 from dfrec_jax.run.progress import Progress
 
 ALL = "All"
@@ -114,9 +121,6 @@ class EvalNets:
 
 def load_eval_nets(eval_config) -> EvalNets:
     """The real networks (offline weights; see identity.load for the identity nets)."""
-    from data_pipelines.landmarks import LandmarkDetector
-    from dfrec_jax.pretrained import inception_fid, vgg
-
     return EvalNets(
         identity=identity.load(eval_config),
         fid_features=inception_fid.InceptionFID.load(),
@@ -206,8 +210,6 @@ class _Evaluator:
 
     def _batch(self, batch: dict) -> dict:
         """Per-sample values of one (padded) batch, every array with a leading [B] axis."""
-        from data_pipelines.features import to_uint8
-
         images, size = batch["image"], batch["image"].shape[1]
         predicted = self.model.predict(images)  # dispatched: the host works meanwhile
         input_landmarks = self.nets.landmarks(images)
@@ -257,8 +259,6 @@ class _Evaluator:
         """Per-sample values and labels of every example of `examples` (an
         input_pipeline.Split), in split order, padding dropped; with several processes each
         scores its own part and every process gets all values (`gather_samples`)."""
-        from data_pipelines import input_pipeline
-
         batch_size = int(self.cfg.batch_size)
         index, processes = jax.process_index(), jax.process_count()
         dataset = input_pipeline.make_dataset(
@@ -306,8 +306,6 @@ def gather_samples(samples: dict) -> dict:
     contiguous blocks in process order, so this is split order). Sent as raw bytes: two
     collectives whatever the number of arrays, and float64 values (pose error, logits) are
     not cast to float32 on the way, as JAX without x64 would."""
-    from jax.experimental import multihost_utils
-
     leaves, treedef = jax.tree.flatten(samples)
     leaves = [np.ascontiguousarray(x) for x in leaves]
     lengths = multihost_utils.process_allgather(np.array([len(x) for x in leaves], np.int32))
@@ -333,8 +331,6 @@ def gather_samples(samples: dict) -> dict:
 def _groups(samples: dict) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """group -> (its forgeries, its accuracy/AUC population, its FID rows); methods in
     METHODS order, then "All"."""
-    from data_pipelines.input_pipeline import METHODS
-
     method_id, forged = samples["method_id"], samples["label"] == 1
     groups = {}
     present = sorted(set(method_id[forged].tolist()))
@@ -404,8 +400,6 @@ def aggregate(samples: dict, rows: tuple[str, ...], threshold: float) -> tuple[l
 
 def count_examples(samples: dict) -> dict:
     """How many examples were scored: total, pristine, forged, forged per method."""
-    from data_pipelines.input_pipeline import METHODS
-
     labels, method_id = samples["label"], samples["method_id"]
     forged = labels == 1
     ids, counts = np.unique(method_id[forged], return_counts=True)
@@ -445,8 +439,6 @@ def _first_difference(a, b, path: str):
 
 
 def _check_model(config, model: trained_lib.TrainedModel) -> None:
-    from dfrec_jax.run import workdir as workdir_lib
-
     found = _first_difference(
         workdir_lib.config_to_dict(config.model),
         workdir_lib.config_to_dict(model.config.model),
@@ -463,8 +455,6 @@ def _check_model(config, model: trained_lib.TrainedModel) -> None:
 def _examples(config, split: str, image_size: int):
     """(prepared builder, input_pipeline.Split of the examples to score): the split, or its
     first config.eval.max_examples when that is > 0 (the rest are never read)."""
-    from data_pipelines import datasets, input_pipeline
-
     if int(config.data.image_size) != image_size:
         raise ValueError(
             f"config.data.image_size={config.data.image_size} but the model takes "
@@ -496,8 +486,6 @@ def _perturbations(perturb: str, eval_config) -> tuple[str, list[str]]:
     ("jpeg", ["jpeg:50", ...]) for "jpeg" (config.eval.perturb_levels.jpeg)."""
     if not perturb:
         return "", [""]
-    from data_pipelines import perturbations
-
     name, level = perturbations.parse(perturb)
     levels = [level] if level is not None else list(eval_config.perturb_levels[name])
     specs = [f"{name}:{_level_key(lv)}" for lv in levels]
@@ -527,8 +515,6 @@ def run(
     """Evaluates a run's checkpoint on `split` of config.data and writes metrics.json and
     table.md (module docstring); returns the metrics dict. `nets` replaces the real scoring
     networks (tests). With several processes every process calls it (module docstring)."""
-    from dfrec_jax.run import workdir as workdir_lib
-
     multihost.initialize(config.mesh.distributed)  # before any other JAX use
     model = trained_lib.load(workdir=workdir, checkpoint=checkpoint, step=step)
     _check_model(config, model)

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from flax import struct, traverse_util
 
 from dfrec_jax.pretrained import checkpoint, torch_zip, weights
@@ -440,8 +441,6 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
     """tr(sqrtm(sigma1 @ sigma2)) as pytorch-fid / TTUR compute it (scipy.linalg.sqrtm)."""
-    import scipy.linalg  # local import: scipy comes with jax, but only this path needs it
-
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # singular product: regularise as the references do
         offset = np.eye(sigma1.shape[0]) * eps

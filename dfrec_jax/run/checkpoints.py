@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from dfrec_jax import paths
@@ -365,8 +366,6 @@ class Checkpointer:
                 paths.rename(source, target)
             moved.append(target.rsplit("/", 1)[-1])
         if moved and jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("dfrec_jax set_aside_newer")
         if moved:
             self._manager.reload()

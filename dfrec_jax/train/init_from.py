@@ -34,10 +34,13 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from dfrec_jax import paths
+from dfrec_jax import inference, paths, trained
 from dfrec_jax.exported import file_sha256  # one file hasher for the project
 from dfrec_jax.pretrained import convert_backbones, convert_released
 from dfrec_jax.pretrained.checkpoint import ConversionError
+from dfrec_jax.run import checkpoints
+from dfrec_jax.run import workdir as workdir_lib
+from dfrec_jax.train import sharding as sharding_lib
 
 # (config key, part of the model it targets); applied in this order.
 SOURCES = (
@@ -184,10 +187,6 @@ def _convert_file(name: str, path: str, config) -> tuple[dict, list[str], dict]:
 
 def _restore_run(run_dir: str, mesh, min_size: int) -> tuple[dict, int]:
     """(params + batch stats of the run's newest checkpoint, laid out for `mesh`, its step)."""
-    from dfrec_jax import inference, trained  # the run's config.json reader (legacy keys)
-    from dfrec_jax.run import checkpoints
-    from dfrec_jax.train import sharding as sharding_lib
-
     ckpt_dir = paths.join(run_dir, "checkpoints")
     config_path = paths.join(run_dir, "config.json")
     if not paths.isdir(ckpt_dir):
@@ -219,8 +218,6 @@ def _variables_sha256(variables) -> str | None:
     leaves = jax.tree.leaves(variables)
     if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
         return None  # multi-host: the arrays are not all on this process
-    from dfrec_jax import trained
-
     return trained.params_sha256(variables)
 
 
@@ -313,8 +310,6 @@ def record(workdir: str, applied: list[Applied], step: int = 0) -> None:
     """W/init.json (process 0) and one console line per applied source."""
     if not applied or jax.process_index() != 0:
         return
-    from dfrec_jax.run import workdir as workdir_lib
-
     workdir_lib.save_json(
         paths.join(workdir, "init.json"),
         {"step": step, "sources": [a.to_json() for a in applied]},

@@ -23,6 +23,12 @@ import warnings
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+try:  # private: where JAX keeps its preemption service (absent or moved: handled here)
+    from jax._src import distributed as _jax_distributed
+except ImportError:
+    _jax_distributed = None
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +39,7 @@ def _preemption_service_running() -> bool:
     if jax.process_count() == 1:
         return False
     try:
-        from jax._src import distributed
-
-        return distributed.global_state.preemption_sync_manager is not None
+        return _jax_distributed.global_state.preemption_sync_manager is not None
     except Exception:  # private API moved: assume absent, SIGTERM is then handled here
         return False
 
@@ -106,8 +110,6 @@ class PreemptionGuard:
         """
         if not self._multihost:
             return self._requested
-        from jax.experimental import multihost_utils
-
         try:
             if multihost_utils.reached_preemption_sync_point(int(step)):
                 self.signal_name = self.signal_name or "preemption sync point"

@@ -12,18 +12,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dfrec_jax import losses
+from dfrec_jax import inference, losses
 from dfrec_jax.batch import normalize_batch
 from dfrec_jax.train import sharding as sharding_lib
 from dfrec_jax.train.state import TrainState, current_learning_rate
-
-
-def _float32_outputs(outputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """bf16 compute -> fp32 losses: cast floating model outputs, leave indices/masks."""
-    return {
-        k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
-        for k, v in outputs.items()
-    }
 
 
 def _select(ok: jax.Array, new, old):
@@ -48,7 +40,7 @@ def train_step_fn(model, loss_nets: losses.LossNets, loss_weights: losses.LossWe
                 mutable=["batch_stats"],
             )
             loss, terms = losses.total_loss(
-                _float32_outputs(outputs), batch, loss_nets, loss_weights
+                inference.float32_outputs(outputs), batch, loss_nets, loss_weights
             )
             return loss, (terms, mutated.get("batch_stats", state.batch_stats))
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import datasets, input_pipeline
 from dfrec_jax import images, inference, losses, paths
 from dfrec_jax import loss_nets as loss_nets_lib
 from dfrec_jax.batch import normalize_batch
@@ -53,9 +54,7 @@ class TrainResult:
 
 
 def _data_pipelines(config, mesh):
-    """Training and validation input pipelines (TensorFlow is imported only here)."""
-    from data_pipelines import datasets, input_pipeline
-
+    """Training and validation input pipelines."""
     data = config.data
     processes, index = jax.process_count(), jax.process_index()
     builder = datasets.prepare_in_every_process(data)  # one host builds a missing dataset
@@ -100,53 +99,41 @@ def _data_pipelines(config, mesh):
     return train, validation
 
 
-def _make_eval_step(model, nets, weights, mesh):
-    """jit (params, batch_stats, batch, rng) -> loss metrics, the frozen networks' weights an
-    argument (replicated), as in the train step."""
+def _make_eval_step(model, nets, weights, mesh, seed):
+    """jit (params, batch_stats, batch) -> loss metrics of the model's outputs as eval and
+    recover see them (`inference.apply_per_image`: each image alone, masking key `seed`), the
+    frozen networks' weights an argument (replicated), as in the train step."""
     arrays, rebuild = step_lib.replicated_frozen(nets, mesh)
 
     @jax.jit
-    def eval_step_with(params, batch_stats, batch, rng, frozen_arrays):
+    def eval_step_with(params, batch_stats, batch, frozen_arrays):
         nets = rebuild(frozen_arrays)
         batch = normalize_batch(batch)
         variables = {"params": params, "batch_stats": batch_stats}
-        outputs = model.apply(variables, batch["image"], train=False, rngs={"masking": rng})
-        outputs = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x,
-                               outputs)  # fmt: skip
+        outputs = inference.apply_per_image(model, variables, batch["image"], seed, keys=None)
         total, metrics = losses.total_loss(outputs, batch, nets, weights)
         return dict(metrics, total=total)
 
-    def eval_step(params, batch_stats, batch, rng):
-        return eval_step_with(params, batch_stats, batch, rng, arrays)
+    def eval_step(params, batch_stats, batch):
+        return eval_step_with(params, batch_stats, batch, arrays)
 
     return eval_step
 
 
-def _make_predict(model):
-    @jax.jit
-    def predict(params, batch_stats, images, rng):
-        variables = {"params": params, "batch_stats": batch_stats}
-        images = jnp.asarray(images, jnp.float32) / 255.0
-        out = model.apply(variables, images, train=False, rngs={"masking": rng})
-        return {k: out[k].astype(jnp.float32) for k in ("seg", "source", "target")}
-
-    return predict
-
-
-def _validate(eval_step, state, batches, seed) -> dict[str, float]:
-    rng = jax.random.PRNGKey(seed)
+def _validate(eval_step, state, batches) -> dict[str, float]:
     sums: dict[str, Any] = {}
-    for i, batch in enumerate(batches):
-        metrics = eval_step(state.params, state.batch_stats, batch, jax.random.fold_in(rng, i))
+    for batch in batches:
+        metrics = eval_step(state.params, state.batch_stats, batch)
         sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
     return {f"val/{k}": float(v) / len(batches) for k, v in jax.device_get(sums).items()}
 
 
-def _image_grid(predict, state, batch, seed, rows=4) -> np.ndarray:
+def _image_grid(predict, state, batch, rows=4) -> np.ndarray:
     # This process's first shard only: works on every host without gathering the batch.
     keys = ("image", "source", "target", "mask")
     small = {k: np.asarray(batch[k].addressable_shards[0].data)[:rows] for k in keys}
-    outputs = predict(state.params, state.batch_stats, small["image"], jax.random.PRNGKey(seed))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    outputs = predict(variables, small["image"])
     return metric_writer.image_grid(small, jax.device_get(outputs), max_rows=rows)
 
 
@@ -225,8 +212,8 @@ def train(
         pipeline.restore(data_state)
     start = int(state.step)
     train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
-    eval_step = _make_eval_step(model, nets, weights, mesh)
-    predict = _make_predict(model)
+    eval_step = _make_eval_step(model, nets, weights, mesh, int(config.seed))
+    predict = inference.make_predict(model, int(config.seed))
     writer = metric_writer.MetricWriter(workdir)
     progress = progress_lib.Progress(total_steps, start, every=cfg_train.log_every)
     batch_size = config.data.batch_size
@@ -262,14 +249,14 @@ def train(
                 progress.update(step, shown, images_per_step=batch_size)
                 window_start, window_steps = time.perf_counter(), 0
             if cfg_train.image_every and step % cfg_train.image_every == 0:
-                grid = _image_grid(predict, state, batch, config.seed)
+                grid = _image_grid(predict, state, batch)
                 writer.images(step, {"panels": grid})
                 if jax.process_index() == 0:  # also as PNG, for readers without TensorBoard
                     panel = paths.join(workdir, "panels", f"step_{step:07d}.png")
                     paths.write_atomic(panel, images.png_bytes(grid))
             val_metrics = None
             if validation and cfg_train.eval_every and step % cfg_train.eval_every == 0:
-                val_metrics = _validate(eval_step, state, validation, config.seed)
+                val_metrics = _validate(eval_step, state, validation)
                 writer.scalars(step, val_metrics)
             if val_metrics is not None or ckpt.should_save(step):
                 if ckpt.save(step, state, pipeline.state(), metrics=val_metrics, force=True):
