@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
+from dfrec_jax.images import to_uint8
 
 NUM_LANDMARKS = 68
 LABELS = ("pristine", "forgery")
@@ -54,14 +55,6 @@ def features_dict(image_size: int) -> tfds.features.FeaturesDict:
             "target_id": tfds.features.Text(),
         }
     )
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """float [0,1] or uint8 -> uint8, rounding (not truncating) floats."""
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        return image
-    return np.clip(np.rint(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _gray(mask: np.ndarray) -> np.ndarray:

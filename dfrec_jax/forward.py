@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from dfrec_jax import images as image_io
-from dfrec_jax import inference
+from dfrec_jax import inference, recover
 
 
 def first_image_per_person(root: str, count: int) -> list[str]:
@@ -36,11 +36,6 @@ def first_image_per_person(root: str, count: int) -> list[str]:
     return chosen
 
 
-def panel(image, seg, source, target) -> np.ndarray:
-    """input | segmentation map | recovered source | recovered target, side by side."""
-    return np.concatenate([image, np.repeat(seg, 3, axis=-1), source, target], axis=1)
-
-
 def run(config, output_dir: str, num_images: int = 8) -> dict:
     paths = first_image_per_person(config.data.lfw_dir, num_images)
     size = config.model.image_size
@@ -57,8 +52,11 @@ def run(config, output_dir: str, num_images: int = 8) -> dict:
 
     model = inference.build_model(config)
     variables = inference.init_variables(model, jax.random.key(config.seed))
-    outputs = inference.make_predict(model, int(config.seed))(variables, np.stack(batch))
-    outputs = jax.device_get(outputs)
+    images = np.stack(batch)
+    outputs = jax.device_get(inference.make_predict(model, int(config.seed))(variables, images))
+    # recover's evidence panel: input | forged pixels tinted | source | target, 8 bits.
+    pictures = [image_io.to_uint8(x) for x in (images, outputs["seg"], outputs["source"],
+                                                outputs["target"])]  # fmt: skip
 
     os.makedirs(output_dir, exist_ok=True)
     records = []
@@ -66,7 +64,7 @@ def run(config, output_dir: str, num_images: int = 8) -> dict:
         stem = os.path.splitext(os.path.basename(path))[0]
         image_io.save_rgb(
             os.path.join(output_dir, f"{stem}_panel.png"),
-            panel(batch[i], outputs["seg"][i], outputs["source"][i], outputs["target"][i]),
+            recover.panel(*(x[i] for x in pictures)),
         )
         records.append(
             {

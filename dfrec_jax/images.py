@@ -123,15 +123,25 @@ def load_rgb(path: str, size: int) -> np.ndarray:
     return np.asarray(rgb, np.float32) / 255.0
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [0,1] (clipped; NaN -> 0, +inf -> 1) or uint8 (as it is) -> uint8, rounding
+    half to even as the PNGs of every command store them."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    image = np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def _uint8_image(image: np.ndarray) -> Image.Image:
-    array = np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    array = to_uint8(image)
     if array.shape[-1] == 1:
         array = array[..., 0]
     return Image.fromarray(array)
 
 
 def save_rgb(path: str, image: np.ndarray) -> None:
-    """Writes a float [H,W,C] image in [0,1] (C = 1 or 3) as PNG."""
+    """Writes an [H,W,C] image, float in [0,1] or uint8 (C = 1 or 3), as PNG."""
     _uint8_image(image).save(path)
 
 

@@ -58,9 +58,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from data_pipelines import datasets, input_pipeline, perturbations
-from data_pipelines.features import to_uint8
 from data_pipelines.input_pipeline import METHODS
 from data_pipelines.landmarks import LandmarkDetector
+from dfrec_jax import images as image_io
 from dfrec_jax import losses, paths
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import baselines, identity, metrics, pose, report
@@ -231,7 +231,7 @@ class _Evaluator:
         # Head pose of the true targets and of each row's recovered target: one landmark call.
         # The "none" row's target is the input, whose landmarks are known already.
         recovered = np.concatenate(
-            [*baseline_targets[1:], to_uint8(np.asarray(predicted["target"]))]
+            [*baseline_targets[1:], image_io.to_uint8(predicted["target"])]
         )
         points = self.nets.landmarks(np.concatenate([batch["target"], recovered]))
         points = np.concatenate([points[: len(images)], input_landmarks, points[len(images) :]])

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from dfrec_jax import images as image_io
 from dfrec_jax.host_tf import tf
 
 TENSORBOARD_DIR = "tensorboard"
@@ -40,14 +41,6 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        return image
-    image = np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 class MetricWriter:
@@ -86,7 +79,7 @@ class MetricWriter:
             return
         arrays = {}
         for tag, value in jax.device_get(dict(images)).items():
-            array = _to_uint8(value)
+            array = image_io.to_uint8(value)
             array = array[None] if array.ndim == 3 else array
             if array.ndim != 4 or array.shape[-1] not in (1, 3):
                 raise ValueError(
