@@ -1,7 +1,9 @@
 """Command line: `python -m dfrec_jax COMMAND --config configs/X.py[:arg] [--config.a.b=v]`.
 
 Commands: train (resumable training into --workdir), eval (metrics tables of a trained run on
-a dataset split), recover (forensic recovery of images with JSON evidence records), trace
+a dataset split), recover (forensic recovery of images, or with --video of a clip's main face,
+with JSON evidence records; --report adds an HTML page), report (that page for a recover
+output folder), trace
 (rank a gallery of known people for recovered faces), export (serialized StableHLO + params),
 forward (run a randomly initialised model on real faces and write panels), bench (timings as
 JSON lines), build_data (prepare the configured dataset; prints split sizes and skip counts),
@@ -9,8 +11,9 @@ samples (write a few forgeries and pristine faces of a split, with their truth, 
 for recover), sweep (one `train` run per point of a sweep file, see dfrec_jax/sweep.py),
 convert (the authors' released checkpoint as a workdir: --released FILE --output DIR).
 
-recover, trace and export read the config of the run they use (its config.json): they need
-no --config. convert takes configs/official.py:exact=released unless --config is given.
+recover, trace and export read the config of the run they use (its config.json) and report
+reads evidence records: they need no --config. convert takes configs/official.py:exact=released
+unless --config is given.
 
 A `--config.a.b=v` naming a key the config does not have stops with one line naming the key.
 
@@ -30,13 +33,25 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from data_pipelines import samples as samples_lib
-from dfrec_jax import bench, convert, export, forward, paths, recover, sweep, trace
+from dfrec_jax import (
+    bench,
+    convert,
+    export,
+    forward,
+    html_report,
+    paths,
+    recover,
+    sweep,
+    trace,
+    video,
+)
 
 COMMANDS = (
     "train", "eval", "recover", "trace", "export", "forward", "bench", "build_data", "samples",
-    "sweep", "convert",
+    "sweep", "convert", "report",
 )  # fmt: skip
-NO_CONFIG = ("recover", "trace", "export", "convert")  # the run's own config.json, or its own
+# The run's own config.json, or their own (convert; report reads records only).
+NO_CONFIG = ("recover", "trace", "export", "convert", "report")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py")
 _OUTPUT = flags.DEFINE_string(
@@ -44,12 +59,22 @@ _OUTPUT = flags.DEFINE_string(
     "(default runs/demo/forward)"
 )  # fmt: skip
 _INPUT = flags.DEFINE_multi_string(
-    "input", [], "recover: image file or folder (repeatable); trace: a recover output folder"
+    "input", [], "recover: image file or folder (repeatable); trace: a recover output folder "
+    "or a recover --video clip record"
 )
 _RELEASED = flags.DEFINE_string(
     "released", None, "convert: the authors' released checkpoint (.pth or .safetensors)"
 )
 _ALIGN = flags.DEFINE_bool("align", False, "recover: detect, align, recover and paste back")
+_VIDEO = flags.DEFINE_string(
+    "video", None, "recover: a video clip (main face tracked, identities aggregated)"
+)
+_EVERY = flags.DEFINE_integer("every", 1, "recover --video: every N-th frame")
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "recover --video: at most M frames (0: all)")
+_REPORT = flags.DEFINE_bool("report", False, "recover: also write OUT/report.html (see `report`)")
+_RECOVERED_VIDEO = flags.DEFINE_bool(
+    "recovered_video", False, "recover --video: also write the clip with the target pasted back"
+)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "recover/export/eval: a checkpoints folder instead of --workdir"
 )
@@ -184,6 +209,8 @@ def _check_paths(command: str) -> None:
             _writable_file(output, "--output")
         elif len(_INPUT.value) == 1 and os.path.isdir(_INPUT.value[0]):
             _writable_folder(_INPUT.value[0], "--input (trace.json is written there)")
+    elif command == "report" and output:
+        _writable_file(output, "--output")
     elif command in ("recover", "export", "samples", "convert") and output:
         _writable_folder(output, "--output")
     elif command == "forward":
@@ -209,6 +236,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def _with_report(code: int) -> int:
+    """recover --report: the HTML page of the output folder, once something was recovered."""
+    if _REPORT.value and code == 0:
+        print(f"wrote {html_report.write(_OUTPUT.value)}")
+    return code
+
+
 def _no_config_command(command: str) -> int:
     """recover / trace / export: they read the run's own config; convert writes one."""
     if command == "convert":
@@ -217,33 +251,34 @@ def _no_config_command(command: str) -> int:
                                  "--output DIR")  # fmt: skip
         convert.run(_RELEASED.value, _OUTPUT.value, config=_CONFIG.value)
         return 0
+    if command == "report":
+        if len(_INPUT.value) != 1:
+            raise app.UsageError("report needs one --input RECOVER_OUTPUT_DIR")
+        print(f"wrote {html_report.write(_INPUT.value[0], _OUTPUT.value)}")
+        return 0
     if command == "trace":
         if not _GALLERY.value or len(_INPUT.value) != 1:
-            raise app.UsageError("trace needs --gallery DIR and one --input RECOVERY_DIR")
+            raise app.UsageError("trace needs --gallery DIR and one --input RECOVERY_DIR (or "
+                                 "CLIP_RECORD.json)")  # fmt: skip
         return trace.run(_GALLERY.value, _INPUT.value[0], output=_OUTPUT.value,
                          top_k=_TOP_K.value)  # fmt: skip
     if not (_WORKDIR.value or _CHECKPOINT.value) or not _OUTPUT.value:
         raise app.UsageError(
             f"{command} needs --workdir DIR (or --checkpoint DIR) and --output DIR"
         )
+    weights = {"workdir": _WORKDIR.value, "checkpoint": _CHECKPOINT.value, "step": _STEP.value}
+    if command == "recover" and _VIDEO.value:
+        if _INPUT.value:
+            raise app.UsageError("recover takes --input images or one --video clip, not both")
+        return _with_report(video.run(_VIDEO.value, _OUTPUT.value, every=_EVERY.value,
+                                      max_frames=_MAX_FRAMES.value,
+                                      recovered_video=_RECOVERED_VIDEO.value, **weights))
     if command == "recover":
         if not _INPUT.value:
-            raise app.UsageError("recover needs --input FILE_OR_DIR (repeatable)")
-        return recover.run(
-            _INPUT.value,
-            _OUTPUT.value,
-            workdir=_WORKDIR.value,
-            checkpoint=_CHECKPOINT.value,
-            step=_STEP.value,
-            align=_ALIGN.value,
-        )
-    export.run(
-        _OUTPUT.value,
-        workdir=_WORKDIR.value,
-        checkpoint=_CHECKPOINT.value,
-        step=_STEP.value,
-        platforms=tuple(_PLATFORMS.value),
-    )
+            raise app.UsageError("recover needs --input FILE_OR_DIR (repeatable) or --video CLIP")
+        return _with_report(recover.run(_INPUT.value, _OUTPUT.value, align=_ALIGN.value,
+                                        **weights))
+    export.run(_OUTPUT.value, platforms=tuple(_PLATFORMS.value), **weights)
     return 0
 
 

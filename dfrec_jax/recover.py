@@ -227,14 +227,14 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class _Recoverer:
+class Recoverer:
     """Holds the model, nets and run-wide record fields; batches prepared images."""
 
-    def __init__(self, model: trained_lib.TrainedModel, nets, eval_config, eval_source, output_dir):
+    def __init__(self, model: trained_lib.TrainedModel, nets, eval_config, eval_source, output_dir,
+                 *, keep: bool = False):  # fmt: skip
         self.model, self.output_dir = model, output_dir
-        self.recover_fn = make_recover_fn(
-            model.model, nets or identity.load(eval_config), int(model.config.seed)
-        )
+        self.nets = nets or identity.load(eval_config)
+        self.recover_fn = make_recover_fn(model.model, self.nets, int(model.config.seed))
         self.batch_size = int(eval_config.batch_size)
         self.threshold = float(eval_config.recovery_threshold)
         self.common = {
@@ -248,6 +248,8 @@ class _Recoverer:
         }
         self.pending: list[dict] = []
         self.recovered = 0
+        # keep=True: each item's record and uint8 faces, in order (`recover --video`).
+        self.keep, self.kept = keep, []
 
     def add(self, item: dict) -> None:
         self.pending.append(item)
@@ -323,6 +325,8 @@ class _Recoverer:
             ),
         }
         write_atomic(os.path.join(self.output_dir, stem + RECORD_SUFFIX), dumps(record).encode())
+        if self.keep:
+            self.kept.append({"item": item, "record": record, **pictures})
 
 
 def _align_record(align: dict | None) -> dict | None:
@@ -349,7 +353,7 @@ def describe_nets(eval_config) -> dict:
     }
 
 
-def _describe_detector(detector) -> dict:
+def describe_detector(detector) -> dict:
     description = {"class": f"{type(detector).__module__}.{type(detector).__qualname__}"}
     for attr in ("min_confidence", "min_face_size"):
         if hasattr(detector, attr):
@@ -380,13 +384,18 @@ def _prepare(path: str, stem: str, size: int, detector, detector_info) -> dict:
         raise image_io.ImageError(f"face detection failed ({type(e).__name__}: {e})") from None
     if face is None:
         raise image_io.ImageError("no face found (--align)")
-    crop, matrix = alignment.align(rgb, face.keypoints, size)
+    return aligned_item(item, face, size, detector_info)
+
+
+def aligned_item(item: dict, face, size: int, detector_info: dict) -> dict:
+    """`item` (its "original" RGB) with the model input aligned on `face` (--align)."""
+    crop, matrix = alignment.align(item["original"], face.keypoints, size)
     item["model_input"] = crop
     item["align"] = {"face": face, "matrix": matrix, "size": size, "detector": detector_info}
     return item
 
 
-def _eval_section(config):
+def eval_section(config):
     """The run's eval config, or the defaults for runs made before it existed (said in the
     record)."""
     if "eval" in config:
@@ -415,14 +424,14 @@ def run(
         print(f"error: no input images found in {', '.join(inputs)}", file=sys.stderr)
         return 1
     model = trained_lib.load(workdir=workdir, checkpoint=checkpoint, step=step)
-    eval_config, eval_source = _eval_section(model.config)
+    eval_config, eval_source = eval_section(model.config)
     if not align:
         detector = None
     elif detector is None:
         detector = alignment.FaceDetector()
-    detector_info = _describe_detector(detector) if align else None
+    detector_info = describe_detector(detector) if align else None
     os.makedirs(output_dir, exist_ok=True)
-    recoverer = _Recoverer(model, nets, eval_config, eval_source, output_dir)
+    recoverer = Recoverer(model, nets, eval_config, eval_source, output_dir)
     skipped = len(bad)
     for path, stem in zip(paths, assign_stems(paths)):
         try:

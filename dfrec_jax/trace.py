@@ -32,19 +32,16 @@ record is unreadable): one `warning:` line per such file on stderr, and in the r
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import default
 from dfrec_jax import images as image_io
-from dfrec_jax import recover
+from dfrec_jax import recover, video
 from dfrec_jax.eval import identity
 from dfrec_jax.run import workdir as workdir_lib
 
@@ -116,33 +113,6 @@ def find_recovered(folder: str) -> tuple[list[dict], list[dict]]:
     return faces, skipped
 
 
-@functools.lru_cache(maxsize=4)
-def _jitted_embed(nets: identity.IdentityNets):
-    """One jitted embedding per nets, so every call with these nets shares its compiles."""
-    return jax.jit(lambda x: nets.embed(x.astype(jnp.float32) / 255.0))
-
-
-def embed_all(nets: identity.IdentityNets, images: list[np.ndarray], batch_size: int):
-    """{net name: float64 [N,D]} embeddings of uint8 images; grouped by size, each group in
-    padded batches of `batch_size` (one compile per size)."""
-    embed = _jitted_embed(nets)
-    by_size: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        by_size.setdefault(image.shape, []).append(i)
-    result: dict[str, np.ndarray] = {}
-    for shape, indices in sorted(by_size.items()):
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            batch = np.zeros((batch_size, *shape), np.uint8)
-            batch[: len(chunk)] = [images[i] for i in chunk]
-            out = jax.device_get(embed(batch))
-            for name, values in out.items():
-                if name not in result:
-                    result[name] = np.zeros((len(images), values.shape[-1]), np.float64)
-                result[name][chunk] = values[: len(chunk)]
-    return result
-
-
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -175,6 +145,48 @@ def score(gallery_emb: dict, owner: np.ndarray, face_emb: dict, names: list[str]
     scores["dlib_distance"] = np.take_along_axis(distances, nearest, axis=1)
     scores["dlib_nearest"] = nearest
     return scores
+
+
+def clip_faces(path: str) -> list[dict]:
+    """The recovered target and source of a `recover --video` clip record, each standing for
+    all its frames: FaceNet embedding = the record's target/source centroid, dlib = the mean
+    raw dlib descriptor (so dlib's distance rule applies). `file_matches_record`: every frame's
+    recovered face file still has the sha256 the record lists."""
+    record = video.read_clip_record(path)
+    folder = os.path.join(os.path.dirname(path), record["outputs"]["frames_folder"])
+    with open(path, "rb") as f:
+        digest = recover.sha256(f.read())
+    faces = []
+    for role in ROLES:
+        matches = True
+        for frame in record["frames"]:
+            entry = frame["outputs"][role]
+            try:
+                data, _ = _read_square(os.path.join(folder, entry["file"]))
+                matches &= recover.sha256(data) == entry["sha256"]
+            except (OSError, image_io.ImageError):
+                matches = False
+        summary = {
+            "file": os.path.basename(path),
+            "input": record["clip"]["path"],
+            "input_sha256": record["clip"]["sha256"],
+            "verdict": record["verdict"],
+            "forgery_probability": record["forgery_probability"]["mean"],
+            "recovered_frames": record["recovered_frames"],
+            "checkpoint_step": record["checkpoint"]["step"],
+            "file_matches_record": bool(matches),
+        } | _converted_from(record)
+        aggregate = record["aggregate"][role]
+        faces.append({
+            "file": f"{os.path.basename(path)}#{role}",
+            "stem": os.path.splitext(os.path.basename(path))[0],
+            "role": role,
+            "sha256": digest,
+            "record": summary,
+            "embedding": {"facenet": np.asarray(aggregate["facenet"]["centroid"]),
+                          "dlib": np.asarray(aggregate["dlib"]["mean_descriptor"])},
+        })  # fmt: skip
+    return faces
 
 
 def _record_summary(folder: str, face: dict) -> dict | None:
@@ -278,10 +290,15 @@ def run(
         raise ValueError(f"rank_by must be one of {identity.NAMES}, got {rank_by!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    for what, folder in (("gallery", gallery), ("recovery", input_dir)):
-        if not os.path.isdir(folder):
-            return _fail(f"{what} folder not found: {folder}")
-    faces, face_skipped = find_recovered(input_dir)
+    if not os.path.isdir(gallery):
+        return _fail(f"gallery folder not found: {gallery}")
+    clip = os.path.isfile(input_dir)  # a `recover --video` clip record
+    if clip:
+        faces, face_skipped = clip_faces(input_dir), []
+    elif os.path.isdir(input_dir):
+        faces, face_skipped = find_recovered(input_dir)
+    else:
+        return _fail(f"recovery folder (or clip record) not found: {input_dir}")
     _print_skips(face_skipped)
     if not faces:
         return _fail(f"no recovered faces (*_source.png, *_target.png) in {input_dir}")
@@ -297,8 +314,12 @@ def run(
     entries = [(p, path, image) for p, name in enumerate(names) for path, image in people[name]]
     owner = np.array([p for p, _, _ in entries])
     batch = int(eval_config.batch_size)
-    gallery_emb = embed_all(nets, [image for _, _, image in entries], batch)
-    face_emb = embed_all(nets, [face["image"] for face in faces], batch)
+    gallery_emb = identity.embed_all(nets, [image for _, _, image in entries], batch)
+    if clip:  # the clip's aggregated identities stand for its faces
+        face_emb = {name: np.stack([face["embedding"][name] for face in faces])
+                    for name in identity.NAMES}  # fmt: skip
+    else:
+        face_emb = identity.embed_all(nets, [face["image"] for face in faces], batch)
     scores = score(gallery_emb, owner, face_emb, names)
 
     reported = [
@@ -307,7 +328,7 @@ def run(
             "stem": face["stem"],
             "role": face["role"],
             "sha256": face["sha256"],
-            "record": _record_summary(input_dir, face),
+            "record": face["record"] if clip else _record_summary(input_dir, face),
             "candidates": _candidates(f, scores, rank_by, top_k, people, entries, gallery),
         }
         for f, face in enumerate(faces)
@@ -345,7 +366,9 @@ def run(
         "versions": workdir_lib.library_versions(),
         "faces": reported,
     }
-    output = output or os.path.join(input_dir, "trace.json")
+    if output is None:
+        base = os.path.splitext(input_dir)[0] + "_" if clip else input_dir + os.sep
+        output = base + "trace.json"
     recover.write_atomic(output, recover.dumps(report).encode())
     print(_table(reported))
     print(f"ranked {len(names)} people for {len(faces)} recovered faces -> {output}")

@@ -50,6 +50,8 @@ LAYERS = {  # module prefix -> layer; the longest prefix wins
     "dfrec_jax.learning": 5,
     "dfrec_jax.forward": 5,
     "dfrec_jax.sweep": 5,
+    "dfrec_jax.video": 5,
+    "dfrec_jax.html_report": 5,
     "configs": 5,
 }
 # Inside layer 4, the parts that must not import one another (importer, imported).

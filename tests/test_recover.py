@@ -15,13 +15,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from dfrec_jax import recover, trained
-from dfrec_jax.eval import identity
 from dfrec_jax.run import workdir as workdir_lib
 from tests import lfw, tiny
 
@@ -37,13 +35,7 @@ def workdir(tiny_run):
 
 @pytest.fixture(scope="module")
 def nets():
-    """Two different random tiny nets as FaceNet and dlib (8-D embeddings)."""
-    module = tiny.TinyIdentity()
-    probe = jnp.zeros((1, SIZE, SIZE, 3))
-    fn_vars, dlib_vars = (module.init(jax.random.key(k), probe) for k in (1, 2))
-    return identity.IdentityNets(
-        facenet=lambda x: module.apply(fn_vars, x)[1], dlib=lambda x: module.apply(dlib_vars, x)[1]
-    )
+    return tiny.tiny_identity_nets()
 
 
 def _png(path, uint8):

@@ -95,6 +95,18 @@ def tiny_loss_nets(seed: int = 0, nan: bool = False) -> losses.LossNets:
     )
 
 
+def tiny_identity_nets(image_size: int = IMAGE_SIZE):
+    """Two different random TinyIdentity nets standing in for FaceNet and dlib (8-D)."""
+    from dfrec_jax.eval import identity
+
+    module = TinyIdentity()
+    probe = jnp.zeros((1, image_size, image_size, 3))
+    fn_vars, dlib_vars = (module.init(jax.random.key(k), probe) for k in (1, 2))
+    return identity.IdentityNets(
+        facenet=lambda x: module.apply(fn_vars, x)[1], dlib=lambda x: module.apply(dlib_vars, x)[1]
+    )
+
+
 def write_lfw_tree(destination, people_per_split=(10, 4, 2), images_per_person=2) -> str:
     """Copies real LFW people (several images each) into an LFW-layout tree at `destination`:
     `people_per_split` people for train / validation / test (by `splits.identity_split`)."""

@@ -10,10 +10,12 @@ a Euclidean distance < 0.6 between descriptors, reported by `trace` too).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dfrec_jax.pretrained import dlib_resnet, facenet
 
@@ -58,3 +60,30 @@ def _facenet_embedding(net, images) -> jax.Array:
 
 def _dlib_descriptor(descriptor, images) -> jax.Array:
     return descriptor(images)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_embed(nets: IdentityNets):
+    """One jitted embedding per nets, so every call with these nets shares its compiles."""
+    return jax.jit(lambda x: nets.embed(x.astype(jnp.float32) / 255.0))
+
+
+def embed_all(nets: IdentityNets, images: list[np.ndarray], batch_size: int):
+    """{net name: float64 [N,D]} embeddings of uint8 images; grouped by size, each group in
+    padded batches of `batch_size` (one compile per size)."""
+    embed = _jitted_embed(nets)
+    by_size: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(image.shape, []).append(i)
+    result: dict[str, np.ndarray] = {}
+    for shape, indices in sorted(by_size.items()):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            batch = np.zeros((batch_size, *shape), np.uint8)
+            batch[: len(chunk)] = [images[i] for i in chunk]
+            out = jax.device_get(embed(batch))
+            for name, values in out.items():
+                if name not in result:
+                    result[name] = np.zeros((len(images), values.shape[-1]), np.float64)
+                result[name][chunk] = values[: len(chunk)]
+    return result
