@@ -83,13 +83,13 @@ case "${1:-main}" in
     # Build the demo dataset (lfw_swap from the LFW folder; reused once built), train the demo
     # config into runs/demo (re-running resumes; a finished run returns at once), evaluate it on
     # the test split (runs/demo/eval/test/metrics.json + table.md), then recover a few test
-    # forgeries and pristine faces with evidence records (runs/demo/recover).
+    # forgeries and pristine faces with evidence records and an HTML page (runs/demo/recover).
     "$PY" -m dfrec_jax build_data --config configs/demo.py
     "$PY" -m dfrec_jax train --config configs/demo.py --workdir runs/demo
     "$PY" -m dfrec_jax eval --config configs/demo.py --workdir runs/demo
     "$PY" -m dfrec_jax samples --config configs/demo.py --output runs/demo/samples
     exec "$PY" -m dfrec_jax recover --workdir runs/demo --input runs/demo/samples/inputs \
-      --output runs/demo/recover
+      --output runs/demo/recover --report
     ;;
   *)
     # Anything else goes to the CLI, e.g. ./run.sh bench --what forward --config configs/demo.py

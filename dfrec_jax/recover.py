@@ -248,7 +248,7 @@ class Recoverer:
         }
         self.pending: list[dict] = []
         self.recovered = 0
-        # keep=True: each item's record and uint8 faces, in order (`recover --video`).
+        # keep=True: each item's record, model input and recovered faces (`recover --video`).
         self.keep, self.kept = keep, []
 
     def add(self, item: dict) -> None:
@@ -325,8 +325,10 @@ class Recoverer:
             ),
         }
         write_atomic(os.path.join(self.output_dir, stem + RECORD_SUFFIX), dumps(record).encode())
-        if self.keep:
-            self.kept.append({"item": item, "record": record, **pictures})
+        if self.keep:  # face-sized arrays only: a long clip must not pile up whole frames
+            self.kept.append({"record": record, "source": out["source"], "target": out["target"],
+                              "model_input": image, "frame_index": item.get("frame_index"),
+                              "track": item.get("track")})  # fmt: skip
 
 
 def _align_record(align: dict | None) -> dict | None:

@@ -56,31 +56,46 @@ class VideoError(ValueError):
     """A clip that cannot be decoded, has no frames, or no face in any frame."""
 
 
-def decode(clip: str, every: int = 1, max_frames: int = 0):
-    """(frame index, uint8 RGB [H,W,3]) of every `every`-th frame, at most `max_frames` (0:
-    all), and the clip's frame rate; VideoError when OpenCV cannot read a single frame."""
-    if every < 1 or max_frames < 0:
-        raise ValueError(f"--every must be >= 1 and --max_frames >= 0 (got {every}, {max_frames})")
-    if not os.path.isfile(clip):
-        raise FileNotFoundError(f"video not found: {clip}")
-    capture = cv2.VideoCapture(clip)
-    if not capture.isOpened():
-        raise VideoError(f"{clip}: not a video OpenCV can read")
-    fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
-    frames, index = [], 0
-    try:
-        while not max_frames or len(frames) < max_frames:
-            ok, bgr = capture.read()
+class Clip:
+    """A video file read with OpenCV, frame by frame: only the frame at hand is in memory.
+    Opening checks that a first frame decodes (VideoError otherwise), so a bad clip fails
+    before any model is built."""
+
+    def __init__(self, path: str, every: int = 1, max_frames: int = 0):
+        if every < 1 or max_frames < 0:
+            raise ValueError(f"--every must be >= 1 and --max_frames >= 0 (got {every}, "
+                             f"{max_frames})")  # fmt: skip
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"video not found: {path}")
+        self.path, self.every, self.max_frames = path, every, max_frames
+        capture = cv2.VideoCapture(path)
+        try:
+            if not capture.isOpened():
+                raise VideoError(f"{path}: not a video OpenCV can read")
+            ok, first = capture.read()
             if not ok:
-                break
-            if index % every == 0:
-                frames.append((index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
-            index += 1
-    finally:
-        capture.release()
-    if not frames:
-        raise VideoError(f"{clip}: no frame could be decoded")
-    return frames, fps
+                raise VideoError(f"{path}: no frame could be decoded")
+            self.fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
+            self.height, self.width = first.shape[:2]
+        finally:
+            capture.release()
+
+    def frames(self):
+        """(frame index, uint8 RGB [H,W,3]) of every `every`-th frame, at most `max_frames`
+        of them (0: all)."""
+        capture = cv2.VideoCapture(self.path)
+        index = taken = 0
+        try:
+            while not self.max_frames or taken < self.max_frames:
+                ok, bgr = capture.read()
+                if not ok:
+                    return
+                if index % self.every == 0:
+                    taken += 1
+                    yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                index += 1
+        finally:
+            capture.release()
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,7 +146,7 @@ def aggregate(nets: identity.IdentityNets, kept: list[dict], batch_size: int) ->
 
 def contact_sheet(kept: list[dict]) -> np.ndarray:
     """uint8 grid: per frame a column aligned | target | source, FRAMES_PER_ROW a row."""
-    tiles = [np.concatenate([k["aligned"], k["target"], k["source"]], axis=0) for k in kept]
+    tiles = [np.concatenate([k["model_input"], k["target"], k["source"]], axis=0) for k in kept]
     rows = []
     for start in range(0, len(tiles), FRAMES_PER_ROW):
         row = tiles[start : start + FRAMES_PER_ROW]
@@ -141,16 +156,20 @@ def contact_sheet(kept: list[dict]) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def write_recovered_video(path: str, frames, kept: list[dict], fps: float) -> None:
-    """The sampled frames, each tracked face replaced by its recovered target (MJPG AVI)."""
-    targets = {k["item"]["frame_index"]: k["target_full"] for k in kept}
-    height, width = frames[0][1].shape[:2]
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), fps or 25.0, (width, height))
+def write_recovered_video(path: str, clip: Clip, kept: list[dict]) -> None:
+    """The sampled frames (a second pass over the clip), each tracked face replaced by its
+    recovered target pasted back with the frame's alignment (MJPG AVI, fps / every)."""
+    recovered = {k["frame_index"]: k for k in kept}
+    fps = (clip.fps or 25.0) / clip.every
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), fps, (clip.width, clip.height))
     if not writer.isOpened():
         raise OSError(f"cannot write {path} (OpenCV's MJPG writer)")
     try:
-        for index, rgb in frames:
-            writer.write(cv2.cvtColor(targets.get(index, rgb), cv2.COLOR_RGB2BGR))
+        for index, rgb in clip.frames():
+            if index in recovered:
+                matrix = np.asarray(recovered[index]["record"]["align"]["matrix_image_to_crop"])
+                rgb = alignment.paste_back(rgb, recovered[index]["target"], matrix)
+            writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     finally:
         writer.release()
 
@@ -180,7 +199,7 @@ def run(
 ) -> int:
     """Recovers the clip's main face into `output_dir` and writes the clip record; returns the
     exit code. A clip OpenCV cannot read, with no frame, or with no face raises VideoError."""
-    frames, fps = decode(clip, every, max_frames)
+    video = Clip(clip, every, max_frames)  # a bad clip fails here, before the model loads
     model = trained_lib.load(workdir=workdir, checkpoint=checkpoint, step=step)
     eval_config, eval_source = recover.eval_section(model.config)
     detector = detector or alignment.FaceDetector()
@@ -189,8 +208,9 @@ def run(
     frames_dir = os.path.join(output_dir, f"{stem}_frames")
     os.makedirs(frames_dir, exist_ok=True)
     recoverer = recover.Recoverer(model, nets, eval_config, eval_source, frames_dir, keep=True)
-    skipped, last_box = [], None
-    for index, rgb in frames:
+    skipped, last_box, decoded = [], None, 0
+    for index, rgb in video.frames():
+        decoded += 1
         try:
             faces = detector.detect(rgb)
         except Exception as e:  # noqa: BLE001 - a detector failure on one frame is a skip
@@ -202,19 +222,19 @@ def run(
             skipped.append({"frame_index": index, "reason": reason})
             continue
         last_box = face.box
-        png = recover.png_bytes(rgb)
         item = {"path": f"{clip}#frame={index}", "stem": f"{stem}_f{index:06d}",
-                "sha256": recover.sha256(png), "original": rgb, "conversions": [],
-                "frame_index": index, "track": {"how": how, "iou_with_last": overlap}}  # fmt: skip
+                "sha256": recover.sha256(recover.png_bytes(rgb)), "original": rgb,
+                "conversions": [], "frame_index": index,
+                "track": {"how": how, "iou_with_last": overlap}}  # fmt: skip
         recoverer.add(recover.aligned_item(item, face, model.image_size, detector_info))
     recoverer.flush()
     kept = recoverer.kept
     if not kept:
         os.rmdir(frames_dir)  # empty: nothing was recovered
-        raise VideoError(f"{clip}: no face found in any of {len(frames)} decoded frames")
+        raise VideoError(f"{clip}: no face found in any of {decoded} sampled frames")
     if skipped:
-        print(f"skip: {len(skipped)} of {len(frames)} frames without a face (listed in the "
-              "clip record)", file=sys.stderr)  # fmt: skip
+        print(f"skip: {len(skipped)} of {decoded} frames without a face (listed in the clip "
+              "record)", file=sys.stderr)  # fmt: skip
 
     outputs = {"frames_folder": os.path.basename(frames_dir)}
     sheet_name = f"{stem}_contact.png"
@@ -223,13 +243,13 @@ def run(
     outputs["contact_sheet"] = _file_entry(output_dir, sheet_name)
     if recovered_video:
         video_name = f"{stem}_recovered.avi"
-        write_recovered_video(os.path.join(output_dir, video_name), frames, kept, fps / every)
+        write_recovered_video(os.path.join(output_dir, video_name), video, kept)
         outputs["recovered_video"] = _file_entry(output_dir, video_name)
 
     aggregated = aggregate(recoverer.nets, kept, recoverer.batch_size)
     consistency = np.asarray(aggregated["target"]["facenet"]["frame_cosines"])
     order = np.argsort(-consistency, kind="stable")
-    indices = [k["item"]["frame_index"] for k in kept]
+    indices = [k["frame_index"] for k in kept]
     probabilities = [k["record"]["forgery_probability"] for k in kept]
     forged = sum(k["record"]["verdict"] == "forgery" for k in kept)
     shared = {key: kept[0]["record"][key] for key in FRAME_RECORD_SHARED if key != "created_utc"}
@@ -240,12 +260,12 @@ def run(
             "path": clip,
             "absolute_path": os.path.abspath(clip),
             "sha256": _clip_sha256(clip),
-            "fps": fps,
+            "fps": video.fps,
             "every": every,
             "max_frames": max_frames,
-            "frames_decoded": len(frames),
-            "width": int(frames[0][1].shape[1]),
-            "height": int(frames[0][1].shape[0]),
+            "frames_sampled": decoded,
+            "width": video.width,
+            "height": video.height,
         },
         "tracking": {
             "detector": detector_info,
@@ -254,7 +274,7 @@ def run(
             "the best face again (reacquired)",
         },
         "frames": [
-            {"frame_index": k["item"]["frame_index"], "track": k["item"]["track"],
+            {"frame_index": k["frame_index"], "track": k["track"],
              **{key: v for key, v in k["record"].items() if key not in FRAME_RECORD_SHARED}}
             for k in kept
         ],  # fmt: skip
@@ -275,7 +295,7 @@ def run(
     }
     path = os.path.join(output_dir, stem + recover.RECORD_SUFFIX)
     recover.write_atomic(path, recover.dumps(record).encode())
-    print(f"recovered {len(kept)} of {len(frames)} frames ({forged} forged: {record['verdict']})"
+    print(f"recovered {len(kept)} of {decoded} frames ({forged} forged: {record['verdict']})"
           f" -> {path}")  # fmt: skip
     return 0
 

@@ -81,7 +81,7 @@ def test_clip_record_frames_and_outputs(recovered, clip):
     assert recovered["code"] == 0
     record, out = recovered["record"], recovered["out"]
     assert record["format"] == video.FORMAT
-    assert record["clip"]["frames_decoded"] == FRAMES and record["clip"]["fps"] == 25.0
+    assert record["clip"]["frames_sampled"] == FRAMES and record["clip"]["fps"] == 25.0
     assert record["clip"]["sha256"] == recover.sha256(clip.read_bytes())
     frames = record["frames"]
     assert [f["frame_index"] for f in frames] == list(range(FRAMES))
@@ -129,7 +129,7 @@ def test_each_frame_equals_image_recover_align_of_that_frame(
     recovered, clip, tiny_run, nets, detector, tmp_path, capsys
 ):
     """The acceptance check: every frame saved as a picture and given to `recover --align`."""
-    frames, _ = video.decode(str(clip))
+    frames = video.Clip(str(clip)).frames()
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     for index, rgb in frames:
@@ -211,12 +211,12 @@ def test_bad_clips_fail_with_one_reason(tmp_path, tiny_run, nets, detector):
         run(garbage)
     with pytest.raises(video.VideoError, match="not a video OpenCV can read|no frame"):
         run(empty)
-    with pytest.raises(video.VideoError, match="no face found in any of 6 decoded frames"):
+    with pytest.raises(video.VideoError, match="no face found in any of 6 sampled frames"):
         run(faceless)
     with pytest.raises(FileNotFoundError, match="video not found"):
         run(tmp_path / "missing.avi")
     with pytest.raises(ValueError, match="--every"):
-        video.decode(str(faceless), every=0)
+        video.Clip(str(faceless), every=0)
     assert not (out / "faceless.json").exists()  # no clip record for a failed clip
 
 
