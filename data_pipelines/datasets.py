@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -103,6 +104,8 @@ def prepare(data) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared():
         start = time.perf_counter()
         logging.info("building %s into %s", builder.info.full_name, builder.data_dir)
+        if not sys.stderr.isatty():  # in a log file or pipe every bar update is a new line
+            tfds.disable_progress_bar()
         builder.download_and_prepare(download_config=_download_config(data))
         logging.info("built %s in %.0f s", builder.info.full_name, time.perf_counter() - start)
     return builder

@@ -18,6 +18,7 @@ Outputs, with <clip> the clip's file name without extension:
                              (<clip>_f<NNNNNN>_source.png, _target.png, ..., .json)
     OUT/<clip>_contact.png   contact sheet: per frame, the aligned input over the recovered
                              target over the recovered source, FRAMES_PER_ROW frames a row
+                             (at most CONTACT_FRAMES, evenly spaced)
     OUT/<clip>_recovered.avi with --recovered_video: the sampled frames with the recovered
                              target pasted back (MJPG, the clip's frame rate / N)
     OUT/<clip>.json          the clip record, written last
@@ -47,6 +48,7 @@ from dfrec_jax.eval import identity
 FORMAT = "dfrec_jax recover --video clip record, version 1"
 TRACK_IOU = 0.3
 FRAMES_PER_ROW = 10
+CONTACT_FRAMES = 100  # a long clip's sheet shows this many frames, evenly spaced
 CONSISTENCY_FRAMES = 3  # frames listed as most / least consistent
 FRAME_RECORD_SHARED = ("format", "float_decimals", "checkpoint", "config", "versions",
                        "identity_nets", "verdict_threshold", "created_utc")  # fmt: skip
@@ -144,16 +146,19 @@ def aggregate(nets: identity.IdentityNets, kept: list[dict], batch_size: int) ->
     return result
 
 
-def contact_sheet(kept: list[dict]) -> np.ndarray:
-    """uint8 grid: per frame a column aligned | target | source, FRAMES_PER_ROW a row."""
-    tiles = [np.concatenate([k["model_input"], k["target"], k["source"]], axis=0) for k in kept]
+def contact_sheet(kept: list[dict]) -> tuple[np.ndarray, list[int]]:
+    """(uint8 grid: per frame a column aligned | target | source, FRAMES_PER_ROW a row, the
+    frame indices shown): at most CONTACT_FRAMES frames, evenly spaced over the recovered."""
+    chosen = np.unique(np.linspace(0, len(kept) - 1, min(len(kept), CONTACT_FRAMES)).round())
+    shown = [kept[i] for i in chosen.astype(int)]
+    tiles = [np.concatenate([k["model_input"], k["target"], k["source"]]) for k in shown]
     rows = []
     for start in range(0, len(tiles), FRAMES_PER_ROW):
         row = tiles[start : start + FRAMES_PER_ROW]
         if len(tiles) > FRAMES_PER_ROW:  # a short last row is filled with white
             row += [np.full_like(tiles[0], 255)] * (FRAMES_PER_ROW - len(row))
         rows.append(np.concatenate(row, axis=1))
-    return np.concatenate(rows, axis=0)
+    return np.concatenate(rows, axis=0), [k["frame_index"] for k in shown]
 
 
 def write_recovered_video(path: str, clip: Clip, kept: list[dict]) -> None:
@@ -238,9 +243,9 @@ def run(
 
     outputs = {"frames_folder": os.path.basename(frames_dir)}
     sheet_name = f"{stem}_contact.png"
-    recover.write_atomic(os.path.join(output_dir, sheet_name),
-                         recover.png_bytes(contact_sheet(kept)))  # fmt: skip
-    outputs["contact_sheet"] = _file_entry(output_dir, sheet_name)
+    sheet, shown = contact_sheet(kept)
+    recover.write_atomic(os.path.join(output_dir, sheet_name), recover.png_bytes(sheet))
+    outputs["contact_sheet"] = {**_file_entry(output_dir, sheet_name), "frames": shown}
     if recovered_video:
         video_name = f"{stem}_recovered.avi"
         write_recovered_video(os.path.join(output_dir, video_name), video, kept)

@@ -107,6 +107,8 @@ def test_build_data_command_prints_split_sizes_and_skips(tmp_path):
     assert report["splits"] == {"train": 12, "test": 8}
     assert report["skipped"]["train"] == {"not an image": 1}
     assert report["dataset"].startswith("lfw_swap/res112")
+    # Not a terminal: no progress-bar line per update (TFDS's tqdm bars are off).
+    assert "examples/s" not in done.stderr and len(done.stderr.splitlines()) < 20, done.stderr
 
 
 def test_dataset_and_method_config_args_select_the_data():

@@ -100,6 +100,17 @@ def test_clip_record_frames_and_outputs(recovered, clip):
     size = tiny.IMAGE_SIZE
     rows = -(-FRAMES // video.FRAMES_PER_ROW)
     assert image.shape[:2] == (rows * 3 * size, video.FRAMES_PER_ROW * size)
+    assert sheet["frames"] == list(range(FRAMES))
+
+
+def test_contact_sheet_of_a_long_clip_shows_evenly_spaced_frames():
+    face = np.zeros((4, 4, 3), np.uint8)
+    kept = [{"model_input": face, "target": face, "source": face, "frame_index": 2 * i}
+            for i in range(1000)]  # fmt: skip
+    sheet, shown = video.contact_sheet(kept)
+    assert len(shown) == video.CONTACT_FRAMES and shown[0] == 0 and shown[-1] == 1998
+    assert sheet.shape == (video.CONTACT_FRAMES // video.FRAMES_PER_ROW * 12,
+                           video.FRAMES_PER_ROW * 4, 3)  # fmt: skip
 
 
 def test_aggregate_verdict_and_consistency(recovered):
