@@ -135,6 +135,15 @@ def test_restore_on_different_mesh(saved, mesh_shape, specs):
     ckpt.close()
 
 
+def test_read_only_open_logs_nothing(saved, caplog):
+    """Inference opens checkpoints read-only; orbax's two warnings about that are expected and
+    kept off the console (they reach absl's logger, where the filter sits)."""
+    directory, _ = saved
+    with caplog.at_level("INFO", logger="absl"):
+        Checkpointer(directory, save_every=10, keep=2, read_only=True).close()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
 def test_restore_shape_mismatch_is_clear(saved):
     directory, tree = saved
     ckpt = Checkpointer(directory, save_every=10, keep=2, read_only=True)

@@ -43,16 +43,21 @@ from dfrec_jax import paths
 log = logging.getLogger(__name__)
 
 
-class _DropMissingMetricsWarning(logging.Filter):
-    # Orbax warns on every save without metrics once best-tracking is on; in this trainer most
-    # saves (periodic, preemption) legitimately have none, so the warning is only noise.
+class _DropExpectedOrbaxWarnings(logging.Filter):
+    # Orbax warns on every save without metrics once best-tracking is on (most saves here,
+    # periodic and preemption, legitimately have none) and twice on every read-only open (each
+    # inference command) that it is read only: expected, so only noise on the console.
+    NOISE = ("did not provide metrics", "Given directory is read only",
+             "read_only=True, setting save_interval_steps=0")  # fmt: skip
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
 
 
 _absl_logger = logging.getLogger("absl")
-if not any(isinstance(f, _DropMissingMetricsWarning) for f in _absl_logger.filters):
-    _absl_logger.addFilter(_DropMissingMetricsWarning())
+if not any(isinstance(f, _DropExpectedOrbaxWarnings) for f in _absl_logger.filters):
+    _absl_logger.addFilter(_DropExpectedOrbaxWarnings())
 
 
 class _DropOrphanedRestoreErrors(logging.Filter):
