@@ -43,6 +43,7 @@ from configs import default
 from dfrec_jax import images as image_io
 from dfrec_jax import recover, video
 from dfrec_jax.eval import identity
+from dfrec_jax.exported import file_sha256
 from dfrec_jax.run import workdir as workdir_lib
 
 FORMAT = "dfrec_jax trace report, version 1"
@@ -154,8 +155,7 @@ def clip_faces(path: str) -> list[dict]:
     recovered face file still has the sha256 the record lists."""
     record = video.read_clip_record(path)
     folder = os.path.join(os.path.dirname(path), record["outputs"]["frames_folder"])
-    with open(path, "rb") as f:
-        digest = recover.sha256(f.read())
+    digest = file_sha256(path)
     faces = []
     for role in ROLES:
         matches = True

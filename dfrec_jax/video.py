@@ -44,6 +44,7 @@ from data_pipelines import alignment
 from dfrec_jax import recover
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import identity
+from dfrec_jax.exported import file_sha256  # one file hasher for the project
 
 FORMAT = "dfrec_jax recover --video clip record, version 1"
 TRACK_IOU = 0.3
@@ -179,16 +180,6 @@ def write_recovered_video(path: str, clip: Clip, kept: list[dict]) -> None:
         writer.release()
 
 
-def _file_entry(folder: str, name: str) -> dict:
-    with open(os.path.join(folder, name), "rb") as f:
-        return {"file": name, "sha256": recover.sha256(f.read())}
-
-
-def _clip_sha256(clip: str) -> str:
-    with open(clip, "rb") as f:
-        return recover.sha256(f.read())
-
-
 def run(
     clip: str,
     output_dir: str,
@@ -244,12 +235,15 @@ def run(
     outputs = {"frames_folder": os.path.basename(frames_dir)}
     sheet_name = f"{stem}_contact.png"
     sheet, shown = contact_sheet(kept)
-    recover.write_atomic(os.path.join(output_dir, sheet_name), recover.png_bytes(sheet))
-    outputs["contact_sheet"] = {**_file_entry(output_dir, sheet_name), "frames": shown}
+    data = recover.png_bytes(sheet)
+    recover.write_atomic(os.path.join(output_dir, sheet_name), data)
+    outputs["contact_sheet"] = {"file": sheet_name, "sha256": recover.sha256(data),
+                                "frames": shown}  # fmt: skip
     if recovered_video:
         video_name = f"{stem}_recovered.avi"
-        write_recovered_video(os.path.join(output_dir, video_name), video, kept)
-        outputs["recovered_video"] = _file_entry(output_dir, video_name)
+        video_path = os.path.join(output_dir, video_name)
+        write_recovered_video(video_path, video, kept)
+        outputs["recovered_video"] = {"file": video_name, "sha256": file_sha256(video_path)}
 
     aggregated = aggregate(recoverer.nets, kept, recoverer.batch_size)
     consistency = np.asarray(aggregated["target"]["facenet"]["frame_cosines"])
@@ -264,7 +258,7 @@ def run(
         "clip": {
             "path": clip,
             "absolute_path": os.path.abspath(clip),
-            "sha256": _clip_sha256(clip),
+            "sha256": file_sha256(clip),  # in blocks: a clip may be larger than memory
             "fps": video.fps,
             "every": every,
             "max_frames": max_frames,
