@@ -1,4 +1,4 @@
-"""Depthwise convolution: the CPU shifted-slice path equals XLA's grouped convolution."""
+"""Convolutions: the CPU paths (shifted-slice depthwise, pointwise matmul) equal lax's."""
 
 import flax.linen as nn
 import jax
@@ -68,4 +68,89 @@ def test_auto_lowers_the_grouped_conv_for_gpu_and_the_slices_for_cpu():
     assert "convolution" not in hlo("cpu")
     np.testing.assert_allclose(
         layers.depthwise_conv(x + 1, w + 1), layers.depthwise_conv(x + 1, w + 1, impl="xla")
+    )
+
+
+@pytest.mark.parametrize(
+    "size,strides,padding,dtype",
+    [
+        (9, 1, "SAME", jnp.float32),
+        (10, 2, "SAME", jnp.float32),  # strided 1x1 (EfficientNet's, FaceNet's reductions)
+        (11, 2, "VALID", jnp.float32),  # odd size: SAME and VALID both read every 2nd pixel
+        (8, 1, ((0, 0), (0, 0)), jnp.float32),  # ConvBNReLU's explicit zero padding
+        (8, 1, "SAME", jnp.bfloat16),
+    ],
+)
+def test_pointwise_matmul_equals_lax_conv_values_and_gradients(size, strides, padding, dtype):
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6), dtype)
+    w = jax.random.normal(jax.random.key(1), (1, 1, 6, 4), dtype)
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def run(conv):
+        f = lambda x, w: conv(x, w, (strides,) * 2, padding, dimension_numbers=dims)  # noqa: E731
+        grads = jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+        return f(x, w), grads
+
+    (y_ref, g_ref), (y, g) = run(jax.lax.conv_general_dilated), run(layers.conv_general_dilated)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
+def _lowered(fn, platform, *args):
+    return jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+
+
+def test_pointwise_runs_as_a_matmul_on_cpu_and_as_a_conv_elsewhere():
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 1, 4, 3))
+    dims = ("NHWC", "HWIO", "NHWC")
+    conv = lambda x, w: layers.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)  # noqa: E731
+    assert "convolution" not in _lowered(conv, "cpu", x, w)
+    assert "dot_general" in _lowered(conv, "cpu", x, w)
+    assert "convolution" in _lowered(conv, "cuda", x, w)
+
+
+@pytest.mark.parametrize(
+    "kernel,kwargs",
+    [
+        ((3, 3, 4, 3), {}),  # not 1x1
+        ((1, 1, 4, 3), {"padding": ((1, 1), (1, 1))}),  # padded 1x1 grows the output
+        ((1, 1, 4, 3), {"rhs_dilation": (2, 2)}),
+        ((1, 1, 2, 4), {"feature_group_count": 2}),  # grouped
+        ((1, 1, 4, 3), {"dimension_numbers": ("NCHW", "OIHW", "NCHW")}),
+    ],
+)
+def test_other_convolutions_stay_lax_convolutions(kernel, kwargs):
+    kwargs = {"padding": "SAME", "dimension_numbers": ("NHWC", "HWIO", "NHWC"), **kwargs}
+    shape = (1, 8, 8, 4)
+    if kwargs["dimension_numbers"][0] == "NCHW":
+        kernel, shape = (kernel[3], kernel[2], 1, 1), (1, 4, 8, 8)
+    x = jax.random.normal(jax.random.key(2), shape)
+    w = jax.random.normal(jax.random.key(3), kernel)
+    padding = kwargs.pop("padding")
+    conv = lambda x, w: layers.conv_general_dilated(x, w, (1, 1), padding, **kwargs)  # noqa: E731
+    assert "convolution" in _lowered(conv, "cpu", x, w)
+    reference = jax.lax.conv_general_dilated(x, w, (1, 1), padding, **kwargs)
+    np.testing.assert_allclose(conv(x, w), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_flax_conv_with_the_matmul_keeps_parameters_and_auto_names():
+    class Net(nn.Module):
+        conv: object
+
+        @nn.compact
+        def __call__(self, x):
+            return self.conv(5, (1, 1), strides=2)(self.conv(4, (3, 3))(x))
+
+    x = jax.random.normal(jax.random.key(4), (2, 9, 9, 3))
+    ours, reference = Net(layers.Conv), Net(nn.Conv)
+    variables = ours.init(jax.random.key(5), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, reference.init(jax.random.key(5), x)
+    )
+    assert set(variables["params"]) == {"Conv_0", "Conv_1"}
+    np.testing.assert_allclose(
+        ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
     )

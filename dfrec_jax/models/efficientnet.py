@@ -37,7 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dfrec_jax.models.layers import DepthwiseConv, same_padding
+from dfrec_jax.models.layers import Conv, DepthwiseConv, same_padding
 
 # (expand_ratio, kernel_size, stride, out_channels, repeats) for each stage.
 B0_STAGES = (
@@ -68,7 +68,7 @@ class SqueezeExcite(nn.Module):
     @nn.compact
     def __call__(self, x):
         conv = functools.partial(
-            nn.Conv,
+            Conv,
             kernel_size=(1, 1),
             kernel_init=CONV_INIT,
             dtype=self.dtype,
@@ -106,7 +106,7 @@ class MBConv(nn.Module):
     def __call__(self, x, train: bool):
         in_ch = x.shape[-1]
         conv = functools.partial(
-            nn.Conv,
+            Conv,
             use_bias=False,
             kernel_init=CONV_INIT,
             dtype=self.dtype,
@@ -237,7 +237,7 @@ class EfficientNetB0(nn.Module):
             (e, k, st, scaled_channels(c, width), scaled_repeats(r, depth))
             for e, k, st, c, r in B0_STAGES
         ]
-        x = nn.Conv(
+        x = Conv(
             scaled_channels(STEM_CHANNELS, width),
             (3, 3),
             strides=2,

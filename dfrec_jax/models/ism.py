@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dfrec_jax.models.efficientnet import EfficientNetB0
-from dfrec_jax.models.layers import ConvBNReLU, resize_bilinear, same_padding
+from dfrec_jax.models.layers import Conv, ConvBNReLU, resize_bilinear, same_padding
 
 OUTPUT_STRIDE = 16
 
@@ -106,7 +106,7 @@ class DeepLabV3PlusDecoder(nn.Module):
         x = jnp.concatenate([x, skip], axis=-1)
         x = cbr(self.channels, 3, separable=True, name="block2")(x, train)
         k = self.head_kernel_size
-        return nn.Conv(
+        return Conv(
             self.num_classes, (k, k), padding=same_padding(k), name="segmentation_head", **kw
         )(x)
 

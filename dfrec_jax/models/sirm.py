@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dfrec_jax.models.layers import ConvBNReLU
+from dfrec_jax.models.layers import Conv, ConvBNReLU
 
 # The released UNet's 3x3 convs carry a bias even though BatchNorm follows (kept for the
 # checkpoint converter).
@@ -74,7 +74,7 @@ class AttentionGate(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def conv_bn(y, features, name):
-            y = nn.Conv(features, (1, 1), name=f"{name}_conv", **kw)(y)
+            y = Conv(features, (1, 1), name=f"{name}_conv", **kw)(y)
             return nn.BatchNorm(
                 use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"{name}_bn", **kw
             )(y)
@@ -87,7 +87,7 @@ class AttentionGate(nn.Module):
             return x * psi
         if self.variant == "official":
             q = conv_bn(x, self.inter_features, "w_self")
-            q = nn.sigmoid(nn.Conv(1, (1, 1), use_bias=False, name="self_conv", **kw)(q))
+            q = nn.sigmoid(Conv(1, (1, 1), use_bias=False, name="self_conv", **kw)(q))
             return x * (psi + q)
         raise ValueError(f"unknown attention gate variant {self.variant!r} (paper|official)")
 
@@ -132,7 +132,7 @@ class SIRM(nn.Module):
                 d, skips[i], train
             )
             d = ConvBlock(features, name=f"dec_{i}", **kw)(jnp.concatenate([skip, d], -1), train)
-        source_img = nn.sigmoid(nn.Conv(3, (1, 1), name="out_conv", **kw)(d).astype(jnp.float32))
+        source_img = nn.sigmoid(Conv(3, (1, 1), name="out_conv", **kw)(d).astype(jnp.float32))
 
         identity = ConvBlock(self.identity_tokens, name="identity_head", **kw)(identity, train)
         b, h, w, t = identity.shape

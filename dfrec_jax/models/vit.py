@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfrec_jax import masking
+from dfrec_jax.models.layers import Conv
 
 Dtype = Any
 
@@ -170,7 +171,7 @@ class ViTEncoder(nn.Module):
     def __call__(self, images, keep_idx):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         grid = self.image_size // self.patch_size
-        x = nn.Conv(
+        x = Conv(
             self.width,
             (self.patch_size,) * 2,
             strides=(self.patch_size,) * 2,

@@ -96,7 +96,7 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(
+        y = layers.conv_general_dilated(
             x, kernel, (self.strides,) * 2, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
         return y + bias

@@ -22,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
+from dfrec_jax.models import layers
 from dfrec_jax.pretrained import dlib_format, weights
 
 CHIP_SIZE = 150
@@ -79,7 +80,7 @@ class DlibResNet(nn.Module):
             i = next(index)
             # dlib's default padding: kernel//2 for stride 1, none for strided convolutions.
             pad = kernel // 2 if stride == 1 else 0
-            x = nn.Conv(
+            x = layers.Conv(
                 features,
                 (kernel, kernel),
                 (stride, stride),

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from dfrec_jax.models import layers
 from dfrec_jax.pretrained import checkpoint, weights
 
 INPUT_SIZE = 160
@@ -52,7 +53,7 @@ class BasicConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(
+        x = layers.Conv(
             self.features,
             self.kernel_size,
             strides=self.strides,
@@ -114,7 +115,7 @@ class _Residual(_Block):
     @nn.compact
     def __call__(self, x, train: bool = False):
         up = jnp.concatenate(self.branches(x, train), axis=-1)
-        up = nn.Conv(
+        up = layers.Conv(
             x.shape[-1], (1, 1), dtype=self.dtype, param_dtype=self.param_dtype, name="conv2d"
         )(up)
         x = x + self.scale * up

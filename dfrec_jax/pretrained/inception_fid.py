@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg
 from flax import struct, traverse_util
 
+from dfrec_jax.models import layers
 from dfrec_jax.pretrained import checkpoint, torch_zip, weights
 
 INPUT_SIZE = 299
@@ -94,7 +95,7 @@ class ConvBN(nn.Module):
         mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), self.param_dtype)
         var = self.variable("batch_stats", "var", jnp.ones, (self.features,), self.param_dtype)
         ph, pw = self.padding
-        y = jax.lax.conv_general_dilated(
+        y = layers.conv_general_dilated(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
             (self.strides, self.strides),

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dfrec_jax.models import layers
 from dfrec_jax.pretrained import checkpoint, weights
 from dfrec_jax.pretrained.torch_zip import UnsafePickleError
 
@@ -77,7 +78,7 @@ class VGGFeatures(nn.Module):
             if v == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
-            x = nn.Conv(
+            x = layers.Conv(
                 v,
                 (3, 3),
                 padding=((1, 1), (1, 1)),
