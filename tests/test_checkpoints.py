@@ -351,7 +351,7 @@ def test_process_killed_mid_save_keeps_previous(tmp_path):
     """SIGKILL after step 2's arrays are written but before its commit (rename): step 1 stays
     the latest and the leftover is removed."""
     directory = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = dict(os.environ, PYTHONPATH=ROOT)  # conftest's XLA flags
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_KILLED_SAVER), directory],
         cwd=ROOT,

@@ -83,7 +83,7 @@ LAYOUT = (
 
 
 @dataclasses.dataclass(eq=False)
-class FaceForensicsConfig(tfds.core.BuilderConfig):
+class FaceForensicsConfig(paired_images.SwapMaskConfig):
     """Options (see the module docstring).
 
     image_size: side of the aligned crops. compression: raw / c23 / c40 folder.
@@ -95,9 +95,9 @@ class FaceForensicsConfig(tfds.core.BuilderConfig):
     detect_max_side: frames are downscaled to at most this side for detection only (FF++ faces
       are large; HD frames would make MTCNN slow); the alignment uses the full frame.
     mask_threshold: binarisation of mask-video frames (0..255).
-    max_mask_fraction: masks covering more of the crop are implausible: skipped, counted.
-    diff_threshold, mask_close, min_region, mask_dilate: derived masks (paired_images).
-    landmark_batch: landmark net batch. cache_videos: original videos whose crops are kept.
+    cache_videos: original videos whose crops are kept.
+    The mask options (max_mask_fraction, derived masks' settings, landmark_batch):
+      paired_images.SwapMaskConfig.
     """
 
     image_size: int = 224
@@ -109,12 +109,6 @@ class FaceForensicsConfig(tfds.core.BuilderConfig):
     min_face_size: int = 20
     detect_max_side: int = 640
     mask_threshold: int = 127
-    max_mask_fraction: float = 0.85
-    diff_threshold: float = 20.0
-    mask_close: float = 0.04
-    min_region: float = 0.002
-    mask_dilate: int = 0
-    landmark_batch: int = 64
     cache_videos: int = 64
 
 

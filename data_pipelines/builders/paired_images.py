@@ -470,7 +470,25 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 @dataclasses.dataclass(eq=False)
-class PairedImageConfig(tfds.core.BuilderConfig):
+class SwapMaskConfig(tfds.core.BuilderConfig):
+    """The mask options every swap builder shares (this module's and faceforensics.py's).
+
+    max_mask_fraction: a forgery whose mask covers more of the image is skipped and counted
+      as implausible (`implausible_mask`).
+    diff_threshold, mask_close, min_region, mask_dilate: `derive_mask` (module docstring).
+    landmark_batch: batch of the landmark net (one compiled program).
+    """
+
+    max_mask_fraction: float = 0.85
+    diff_threshold: float = 20.0
+    mask_close: float = 0.04
+    min_region: float = 0.002
+    mask_dilate: int = 0
+    landmark_batch: int = 64
+
+
+@dataclasses.dataclass(eq=False)
+class PairedImageConfig(SwapMaskConfig):
     """Options of a swap-image dataset (see the builder docstrings for the folder layout).
 
     image_size: output side S (images are resized, not re-aligned).
@@ -490,11 +508,8 @@ class PairedImageConfig(tfds.core.BuilderConfig):
       is what target recovery is judged on) and reports how many sources come from another
       split. Random pairs lose 1 - sum(f^2) of the swaps to "pair" (34% at 0.8/0.1/0.1,
       and ~90% of validation and test): README "Data".
-    max_mask_fraction: a forgery whose mask covers more of the image is skipped and counted
-      as implausible (`implausible_mask`).
-    diff_threshold, mask_close, min_region, mask_dilate: `derive_mask` (module docstring).
-    landmark_batch: batch of the landmark net (one compiled program).
     cache_size: decoded originals kept in memory.
+    The mask options (max_mask_fraction, derive_mask's, landmark_batch): SwapMaskConfig.
     """
 
     image_size: int = 224
@@ -506,12 +521,6 @@ class PairedImageConfig(tfds.core.BuilderConfig):
     split_fractions: tuple = splits.DEFAULT_FRACTIONS
     split_salt: str = "dfrec"
     split_by: str = "pair"
-    max_mask_fraction: float = 0.85
-    diff_threshold: float = 20.0
-    mask_close: float = 0.04
-    min_region: float = 0.002
-    mask_dilate: int = 0
-    landmark_batch: int = 64
     cache_size: int = 512
 
 
