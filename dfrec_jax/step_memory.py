@@ -6,14 +6,18 @@
 For each fsdp size that divides the devices (data = the rest), the real train step of the
 config (model, frozen loss networks, AdamW) is lowered with abstract arguments and compiled
 for the mesh; `compiled.memory_analysis()` gives one device's argument, output, alias and
-temporary bytes. Next to it, from the shardings alone: the parameter and optimizer bytes a
-device holds, and the leaves the FSDP rule leaves replicated. Two batch sizes give the
-temporary bytes per example, from which the batch that fits a device follows.
+temporary bytes, and the compiled program's collectives are counted by kind (what the mesh
+costs in communication: a data-parallel step should hold all-reduces only). Next to it, from
+the shardings alone: the parameter and optimizer bytes a device holds, and the leaves the
+FSDP rule leaves replicated. Two batch sizes give the temporary bytes per example, from which
+the batch that fits a device follows.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import re
 
 import jax
 import numpy as np
@@ -35,6 +39,16 @@ def _device_bytes(abstract_tree, sharding_tree) -> int:
         shard = sharding.shard_shape(leaf.shape)
         total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+_COLLECTIVE = re.compile(
+    r" (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+)
+
+
+def collective_counts(hlo_text: str) -> dict[str, int]:
+    """Collective ops of a compiled program's HLO text by kind (async starts count once)."""
+    return dict(sorted(collections.Counter(_COLLECTIVE.findall(hlo_text)).items()))
 
 
 def _tree_bytes(tree) -> int:
@@ -88,7 +102,8 @@ def measure(config, batch_sizes, fsdp_sizes, *, loss_nets=None) -> list[dict]:
             if batch_size % len(devices):
                 raise ValueError(f"batch {batch_size} does not split over {len(devices)} devices")
             batch = _abstract_batch(batch_size, model.image_size, sharding_lib.batch_sharding(mesh))
-            stats = step.lower(state, batch).compile().memory_analysis()
+            compiled = step.lower(state, batch).compile()
+            stats = compiled.memory_analysis()
             results.append(
                 {
                     "what": "memory",
@@ -105,6 +120,7 @@ def measure(config, batch_sizes, fsdp_sizes, *, loss_nets=None) -> list[dict]:
                     "output_bytes": int(stats.output_size_in_bytes),
                     "alias_bytes": int(stats.alias_size_in_bytes),
                     "temp_bytes": int(stats.temp_size_in_bytes),
+                    "collectives": collective_counts(compiled.as_text()),
                     "peak_bytes": int(
                         stats.argument_size_in_bytes
                         + stats.output_size_in_bytes
@@ -130,4 +146,4 @@ def fitting_batch(records: list[dict], device_gib: float) -> int | None:
     return batch - batch % devices
 
 
-__all__ = ["fitting_batch", "measure", "replicated_params"]
+__all__ = ["collective_counts", "fitting_batch", "measure", "replicated_params"]

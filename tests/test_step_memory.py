@@ -2,6 +2,7 @@
 step on 8 emulated devices, and the FSDP rule's 1/fsdp split of parameters and moments."""
 
 import jax
+import numpy as np
 import pytest
 
 from dfrec_jax import step_memory
@@ -34,6 +35,31 @@ def test_parameters_and_moments_split_by_fsdp(records):
     assert split8["params_bytes"] == kept + (whole["params_bytes"] - kept) // 8
     for r in (whole, split8):  # AdamW's two moments follow their parameters (+ a few scalars)
         assert abs(r["opt_state_bytes"] - 2 * r["params_bytes"]) < 64
+
+
+def test_data_parallel_step_moves_no_batch_rows(records):
+    """The tiny real DFREC's step on 8 data-parallel devices (fsdp 1) compiles with
+    all-reduces only: no all-gather (the token scatters keep the batch axis sharded,
+    masking.scatter_tokens) and no all-to-all or collective-permute (the loss networks see each
+    example's recovered faces interleaved, on the example's device, losses._interleave)."""
+    record = _by(records, 1)
+    assert record["mesh"] == {"data": 8, "fsdp": 1}
+    assert set(record["collectives"]) == {"all-reduce"}, record["collectives"]
+    # FSDP gathers its parameters for the forward pass: the count sees it.
+    assert _by(records, 8)["collectives"].get("all-gather", 0) > 0
+
+
+def test_collective_counts_of_a_sharded_program():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    x = jax.device_put(np.arange(16.0, dtype=np.float32), split)
+    summed = jax.jit(lambda v: v.sum()).lower(x).compile().as_text()
+    assert step_memory.collective_counts(summed) == {"all-reduce": 1}
+    gathered = jax.jit(lambda v: v * 2, out_shardings=whole).lower(x).compile().as_text()
+    assert step_memory.collective_counts(gathered) == {"all-gather": 1}
+    local = jax.jit(lambda v: v * 2).lower(x).compile().as_text()
+    assert step_memory.collective_counts(local) == {}
 
 
 def test_compiled_memory_is_reported(records):

@@ -590,27 +590,6 @@ def _constant_bytes(hlo_text: str) -> int:
     return sum(size for _, size in _constants(hlo_text))
 
 
-def test_data_parallel_dfrec_step_moves_no_batch_rows():
-    """The tiny real DFREC's step on 8 data-parallel devices compiles with all-reduces only: no
-    all-gather (the token scatters keep the batch axis sharded, masking.scatter_tokens) and no
-    all-to-all or collective-permute (the loss networks see each example's recovered faces
-    interleaved, on the example's device, losses._interleave)."""
-    from tests import tiny
-
-    config = tiny.tiny_config()
-    config.mesh.update(data=8, fsdp=1)
-    mesh = sharding.make_mesh(config.mesh)
-    nets = tiny.tiny_loss_nets()
-    _, _, _, state, step = standalone.build_train_step(config, mesh, loss_nets=nets)
-    batch = standalone.synthetic_batch(16, config.model.image_size)
-    batch = standalone.global_batch(batch, sharding.batch_sharding(mesh))
-    hlo = step.lower(state, batch).compile().as_text()
-    batch_moves = re.compile(r" (all-gather|all-to-all|collective-permute)(-start)?\(")
-    moves = [line.strip()[:120] for line in hlo.splitlines() if batch_moves.search(line)]
-    assert not moves, moves[:4]
-    assert "all-reduce" in hlo  # it is a data-parallel program: the gradients are reduced
-
-
 def test_step_with_the_real_loss_networks_holds_no_large_constants():
     """FaceNet, VGG16 and face-api (155 MB) enter the step as arguments: the lowered program's
     constants stay under 1 MB."""
