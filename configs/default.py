@@ -142,6 +142,7 @@ def builder_options(dataset: str, frames_per_video: int = PAPER_FRAMES_PER_VIDEO
             mask_dilate=0,
             landmark_batch=64,
             cache_videos=64,
+            identity_file="splits/identities.txt",  # person-level merge of the official splits
         )
     if dataset == "celeba_megafs":
         return dict(

@@ -96,6 +96,8 @@ def test_faceforensics_builds_every_split_with_consistent_examples(ff):
     assert {s: len(v) for s, v in data.items()} == {"test": 3, "train": 12, "validation": 9}
     assert builder.info.metadata["methods"] == ["Deepfakes", "FaceSwap"]
     assert builder.info.metadata["missing_methods"] == ["FaceShifter"]  # identity swaps only
+    assert builder.info.metadata["identity_source"] == "video id"  # no identity file
+    assert builder.info.metadata["moved_by_person"] == {}
     # 000_001 ships a mask video (3 frames), 001_000 and 002_003 derive theirs.
     sources = builder.info.metadata["mask_source"]
     assert sources == {"train": {"dataset": 3, "derived": 3}, "validation": {"derived": 3},
@@ -334,6 +336,38 @@ def test_faceforensics_reads_the_lossless_raw_folder(tmp_path):
     with pytest.raises(splits.DatasetLayoutError, match="youtube/c23/videos"):
         prepare(faceforensics.FaceForensics, faceforensics.make_config(), tmp_path / "tfds2",
                 tmp_path / "manual")  # fmt: skip
+
+
+def test_merge_people_moves_each_person_to_their_most_held_out_split():
+    split_of = {"000": "train", "001": "train", "002": "validation", "003": "test",
+                "004": "train", "005": "validation"}  # fmt: skip
+    person_of = {"000": "a", "002": "a", "001": "b", "003": "b", "005": "b"}
+    merged, moved = faceforensics.merge_people(split_of, person_of)
+    assert merged == {"000": "validation", "001": "test", "002": "validation", "003": "test",
+                      "004": "train", "005": "test"}  # fmt: skip
+    assert moved == {"train->test": 1, "train->validation": 1, "validation->test": 1}
+    assert faceforensics.merge_people(split_of, {}) == (split_of, {})
+
+
+def test_faceforensics_identity_file_merges_the_official_splits_per_person(tmp_path):
+    """Video 001 (train) and 002 (validation) are one person: 001 moves to validation, and the
+    two Deepfakes pairs of 000 (train) and 001 become cross-split pairs, skipped and counted."""
+    manual = tmp_path / "manual"
+    fixtures_manual.write_faceforensics(str(manual))
+    (manual / "splits" / "identities.txt").write_text("video person\n001 p7\n002 p7\n")
+    config = faceforensics.make_config(frames_per_video=1, landmark_batch=LANDMARK_BATCH)
+    builder = prepare(faceforensics.FaceForensics, config, tmp_path / "tfds", manual)
+    data = load(builder)
+    assert builder.info.metadata["identity_source"] == "file"
+    assert builder.info.metadata["moved_by_person"] == {"train->validation": 1}
+    pristine = {s: sorted(e["target_id"] for e in x if not e["label"]) for s, x in data.items()}
+    assert pristine == {"train": [b"000"], "validation": [b"001", b"002", b"003"],
+                        "test": [b"004"]}  # fmt: skip
+    fakes = {(e["target_id"], e["source_id"]) for x in data.values() for e in x if e["label"]}
+    assert fakes == {(b"002", b"003")}
+    skipped = builder.skip_summary()
+    assert skipped["train"]["cross-split pair"] == 1  # 000_001
+    assert skipped["validation"]["cross-split pair"] == 1  # 001_000
 
 
 def test_megafs_split_by_target_keeps_cross_split_pairs_and_finds_nested_identities(

@@ -41,7 +41,15 @@ Pristine examples (`include_pristine`): the original videos' aligned frames, lab
 255 everywhere (a real face is its own source; `features.py`), alpha 0.
 
 Splits: the official json; a video pair's two ids share a split, and every fake goes to the
-split of its ids ("validation" for val.json). Skipped and counted per split
+split of its ids ("validation" for val.json). The official splits are video-disjoint, not
+person-disjoint (one person can appear in several of the 1000 videos). An identity file
+(config `identity_file`, default `splits/identities.txt` under manual_dir or an absolute path;
+`<video id> <person id>` lines, e.g. from clustering the pristine faces) merges them per
+person: all of a person's videos go to the most held-out split among them (test, then
+validation, then train), so no validation or test person is trained on; the moves are counted
+in metadata["moved_by_person"], and fakes whose pair the move separates are skipped as
+cross-split pairs. Without the file a warning says the splits are video-disjoint only
+(metadata["identity_source"] = "video id"). Skipped and counted per split
 (`builder.skip_summary()`, metadata.json): unreadable/corrupt/empty videos, missing target or
 source originals, frames without a detectable face, empty masks, frame-size mismatches,
 truncated videos; files outside the official splits or with unparseable names are counted
@@ -96,6 +104,8 @@ class FaceForensicsConfig(paired_images.SwapMaskConfig):
       are large; HD frames would make MTCNN slow); the alignment uses the full frame.
     mask_threshold: binarisation of mask-video frames (0..255).
     cache_videos: original videos whose crops are kept.
+    identity_file: `<video id> <person id>` lines (relative to manual_dir, or absolute) that
+      merge the official splits per person (module docstring); optional.
     The mask options (max_mask_fraction, derived masks' settings, landmark_batch):
       paired_images.SwapMaskConfig.
     """
@@ -110,6 +120,7 @@ class FaceForensicsConfig(paired_images.SwapMaskConfig):
     detect_max_side: int = 640
     mask_threshold: int = 127
     cache_videos: int = 64
+    identity_file: str = "splits/identities.txt"
 
 
 DEFAULT_CONFIG = FaceForensicsConfig(name="default", description="FaceForensics++ c23, 224x224")
@@ -134,6 +145,26 @@ def make_config(**overrides) -> FaceForensicsConfig:
                     "their source and masks mean nothing for identity recovery",
                     ", ".join(reenactment))  # fmt: skip
     return paired_images.named_config(FaceForensicsConfig, DEFAULT_CONFIG, **overrides)
+
+
+def merge_people(split_of: dict, person_of: dict) -> tuple[dict, dict]:
+    """`split_of` (video id -> split) with each person's videos in one split: the most held-out
+    of their splits (test, then validation, then train). `person_of`: video id -> person
+    (videos without an entry are their own person). Returns the merged map and the moves
+    counted as {"train->test": n, ...}."""
+    rank = {split: i for i, split in enumerate(splits.SPLITS)}  # train < validation < test
+    people = {}
+    for video_id in split_of:
+        people.setdefault(person_of.get(video_id, ("video", video_id)), []).append(video_id)
+    merged, moved = dict(split_of), {}
+    for videos in people.values():
+        held_out = max((split_of[v] for v in videos), key=rank.__getitem__)
+        for video_id in videos:
+            if split_of[video_id] != held_out:
+                key = f"{split_of[video_id]}->{held_out}"
+                moved[key] = moved.get(key, 0) + 1
+                merged[video_id] = held_out
+    return merged, dict(sorted(moved.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +300,13 @@ class FaceForensics(paired_images.ManualBuilder):
     """FaceForensics++ fake frames aligned with their true target and source faces."""
 
     name = "faceforensics"
-    VERSION = tfds.core.Version("2.0.0")
-    RELEASE_NOTES = paired_images.RELEASE_NOTES
+    VERSION = tfds.core.Version("2.1.0")
+    RELEASE_NOTES = {
+        **paired_images.RELEASE_NOTES,
+        "2.1.0": "The official splits merged per person when an identity file exists "
+        "(config identity_file, default splits/identities.txt); metadata identity_source and "
+        "moved_by_person.",
+    }
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
     LAYOUT = LAYOUT
@@ -300,6 +336,27 @@ class FaceForensics(paired_images.ManualBuilder):
                     log.warning("%s: id %s in two split files", self.name, video_id)
         return split_of
 
+    def _person_merged(self, root: str, split_of: dict) -> dict:
+        """The official splits merged per person when the identity file exists (module
+        docstring); unchanged, with a warning, when it does not."""
+        path = os.path.join(root, self.builder_config.identity_file)
+        if not os.path.isfile(path):
+            log.warning("%s: no identity file %r: the official splits are video-disjoint, not "
+                        "person-disjoint (the same person can be in several splits)",
+                        self.name, path)  # fmt: skip
+            self.info.metadata["identity_source"] = "video id"
+            self.info.metadata["moved_by_person"] = {}
+            return split_of
+        keyed = paired_images.read_identity_file(path)  # keys lose zero padding ("007" -> "7")
+        person_of = {v: keyed[paired_images.image_key(v)] for v in split_of
+                     if paired_images.image_key(v) in keyed}  # fmt: skip
+        merged, moved = merge_people(split_of, person_of)
+        log.info("%s: identities from %s (%d of %d videos): moved %s", self.name, path,
+                 len(person_of), len(split_of), moved or "none")  # fmt: skip
+        self.info.metadata["identity_source"] = "file"
+        self.info.metadata["moved_by_person"] = moved
+        return merged
+
     def _split_generators(self, dl_manager):
         config = self.builder_config
         root = self._manual_root(dl_manager)
@@ -314,7 +371,7 @@ class FaceForensics(paired_images.ManualBuilder):
             for f in sorted(os.listdir(originals_dir))
             if f.endswith(".mp4")
         }
-        split_of = self._official_splits(root)
+        split_of = self._person_merged(root, self._official_splits(root))
 
         manipulated = os.path.join(root, "manipulated_sequences")
         present, missing = {}, []
