@@ -62,7 +62,9 @@ def get_builder(data) -> tfds.core.DatasetBuilder:
     else:
         chosen = _chosen_methods(module.DEFAULT_CONFIG.method_dirs, methods)
         config = module.make_config(image_size=data.image_size, **chosen, **options(data))
-    return module.BUILDER(config=config, data_dir=data.data_dir)
+    builder = module.BUILDER(config=config, data_dir=data.data_dir)
+    builder.manual_dir = data.manual_dir or None  # its tree's fingerprint: `_stale`
+    return builder
 
 
 # Fields of a builder config that are not builder options (tfds' own, or set above).
@@ -91,8 +93,10 @@ def _download_config(data) -> tfds.download.DownloadConfig:
 
 def prepare(data) -> tfds.core.DatasetBuilder:
     """The builder, prepared (built once into data.data_dir, reused afterwards). A builder
-    that records its input folder's fingerprint (lfw_swap) is rebuilt when the folder it reads
-    now differs from the one it was built from; the stale copy is kept beside it, renamed."""
+    that records its input folder's fingerprint (lfw_swap's folder, the manual_dir of the
+    others) is rebuilt when the folder it reads now differs from the one it was built from;
+    the stale copy is kept beside it, renamed. Without a manual_dir configured, a prepared
+    manual dataset is reused as it is."""
     builder = get_builder(data)
     if builder.is_prepared() and _stale(builder):
         stale = f"{builder.data_dir}.stale-{time.strftime('%Y%m%dT%H%M%S')}"

@@ -53,6 +53,19 @@ def folder_fingerprint(people: dict[str, list[str]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def tree_fingerprint(root: str) -> str:
+    """sha256 (16 hex) of every file below `root` (relative path and size; hidden names left
+    out): `folder_fingerprint` for the manual_dir datasets, whose trees have no person level."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(folder, root)
+        for name in sorted(f for f in files if not f.startswith(".")):
+            size = os.path.getsize(os.path.join(folder, name))
+            digest.update(f"{rel}/{name}:{size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def scan_lfw(root: str) -> dict[str, list[str]]:
     """Person -> sorted image paths for an LFW-layout folder; people sorted by name."""
     require_dir(root, "lfw", LFW_LAYOUT)

@@ -6,6 +6,7 @@ corrupt video; MegaFS / E4S as originals plus swaps and bad files. One MTCNN and
 net serve every build (paired_images caches them per process).
 """
 
+import glob
 import json
 import os
 
@@ -336,6 +337,33 @@ def test_faceforensics_reads_the_lossless_raw_folder(tmp_path):
     with pytest.raises(splits.DatasetLayoutError, match="youtube/c23/videos"):
         prepare(faceforensics.FaceForensics, faceforensics.make_config(), tmp_path / "tfds2",
                 tmp_path / "manual")  # fmt: skip
+
+
+def test_a_changed_manual_dir_is_rebuilt(tmp_path):
+    """datasets.prepare compares the manual_dir's fingerprint with the build's, as lfw_swap's
+    folder: unchanged, the build is reused; one file less, it is rebuilt (the old one kept
+    aside); with no manual_dir configured, the prepared build is reused as it is."""
+    from configs import default
+    from data_pipelines import datasets
+
+    manual = tmp_path / "manual"
+    fixtures_manual.write_ffhq_e4s(str(manual))
+    data = default.get_config("dataset=ffhq_e4s").data
+    data.update(manual_dir=str(manual), data_dir=str(tmp_path / "tfds"), image_size=64,
+                landmark_batch=LANDMARK_BATCH)  # fmt: skip
+    first = datasets.prepare(data)
+    built = first.info.metadata["source_fingerprint"]
+    assert built == splits.tree_fingerprint(str(manual))
+    assert datasets.prepare(data).data_dir == first.data_dir
+    assert not glob.glob(f"{first.data_dir}.stale-*")
+    os.remove(sorted(glob.glob(str(manual / "e4s" / "*.png")))[0])
+    rebuilt = datasets.prepare(data)
+    assert rebuilt.data_dir == first.data_dir and len(glob.glob(f"{first.data_dir}.stale-*")) == 1
+    assert rebuilt.info.metadata["source_fingerprint"] == splits.tree_fingerprint(str(manual))
+    assert rebuilt.info.metadata["source_fingerprint"] != built
+    data.manual_dir = ""
+    assert datasets.prepare(data).data_dir == first.data_dir  # nothing to compare: reused
+    assert len(glob.glob(f"{first.data_dir}.stale-*")) == 1
 
 
 def test_merge_people_moves_each_person_to_their_most_held_out_split():

@@ -395,8 +395,19 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         skipped = self.info.metadata.get("skipped", {}) if self.info.metadata else {}
         return {split: dict(reasons) for split, reasons in skipped.items()}
 
+    # The manual_dir `datasets.get_builder` was given: what source_fingerprint reads, so that
+    # `datasets.prepare` rebuilds when the downloaded tree changes (as lfw_swap's folder).
+    manual_dir: str | None = None
+
+    def source_fingerprint(self) -> str | None:
+        """The manual_dir's listing fingerprint (splits.tree_fingerprint); None without one."""
+        if not self.manual_dir or not os.path.isdir(self.manual_dir):
+            return None
+        return splits.tree_fingerprint(self.manual_dir)
+
     def _manual_root(self, dl_manager) -> str:
-        """The manual_dir, or DatasetLayoutError naming it and the expected tree."""
+        """The manual_dir (its fingerprint recorded in the metadata), or DatasetLayoutError
+        naming it and the expected tree."""
         try:
             path = dl_manager.manual_dir
         except AssertionError:  # tfds' own "does not exist or is empty"
@@ -406,7 +417,9 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     f"{self.name}: manual_dir is empty: {str(path)!r}; expected layout: "
                     + " ".join(self.LAYOUT.split())
                 ) from None
-        return splits.require_dir(str(path) if path else "", self.name, self.LAYOUT)
+        root = splits.require_dir(str(path) if path else "", self.name, self.LAYOUT)
+        self.info.metadata["source_fingerprint"] = splits.tree_fingerprint(root)
+        return root
 
     def _new_counters(self) -> dict[str, skips.SkipCounter]:
         counters = {s: skips.SkipCounter(f"{self.name}/{s}") for s in splits.SPLITS}
