@@ -366,6 +366,33 @@ def test_a_changed_manual_dir_is_rebuilt(tmp_path):
     assert len(glob.glob(f"{first.data_dir}.stale-*")) == 1
 
 
+def test_videos_are_read_one_ahead_on_one_worker_thread_in_order():
+    import threading
+
+    threads, started, b_started = set(), [], threading.Event()
+
+    def read(item):
+        threads.add(threading.current_thread().name)
+        started.append(item)
+        if item == "b":
+            b_started.set()
+        if item == "bad":
+            raise ValueError("unreadable")
+        return item.upper()
+
+    consumed = []
+    for item, result in faceforensics._one_ahead(read, ["a", "b", "c"]):
+        assert result == item.upper()
+        consumed.append(item)
+        if item == "a":  # b is read while a is consumed (the generator waits at its yield)
+            assert b_started.wait(timeout=10)
+    assert consumed == ["a", "b", "c"] and started == ["a", "b", "c"]
+    assert len(threads) == 1 and threading.current_thread().name not in threads
+    assert list(faceforensics._one_ahead(read, [])) == []
+    with pytest.raises(ValueError, match="unreadable"):
+        list(faceforensics._one_ahead(read, ["a", "bad", "c"]))
+
+
 def test_merge_people_moves_each_person_to_their_most_held_out_split():
     split_of = {"000": "train", "001": "train", "002": "validation", "003": "test",
                 "004": "train", "005": "validation"}  # fmt: skip

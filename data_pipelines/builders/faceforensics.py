@@ -56,6 +56,7 @@ truncated videos; files outside the official splits or with unparseable names ar
 under "unsplit".
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -293,6 +294,28 @@ class _Fake:
     mask_path: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Skip:
+    item: str
+    reason: str
+
+
+def _one_ahead(read, items):
+    """(item, read(item)) in order, each read started on a worker thread while the previous
+    item is consumed: video decoding and face detection (OpenCV and TensorFlow, which release
+    the GIL) overlap the example encoding on a second core. Only the worker calls `read`."""
+    items = iter(items)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ff_read") as pool:
+        item = next(items, None)
+        pending = pool.submit(read, item) if item is not None else None
+        while pending is not None:
+            following = next(items, None)
+            result = pending.result()
+            pending = pool.submit(read, following) if following is not None else None
+            yield item, result
+            item = following
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -443,6 +466,32 @@ class FaceForensics(paired_images.ManualBuilder):
             raise paired_images.EmptySplitError(f"{self.name}: no usable video in {root!r}")
         return generators
 
+    def _read_fake(self, fake: _Fake):
+        """Everything a fake's examples need from its videos, decoded and detected: (target,
+        source, frame indices, fake frames, mask frames, target faces, source faces), or a
+        _Skip. Runs one fake ahead of the example writing (`_one_ahead`), on its own thread."""
+        config = self.builder_config
+        target = self._original(fake.target)
+        source = self._original(fake.source)
+        if target.error or source.error:
+            which, error = ("target", target.error) if target.error else ("source", source.error)
+            return _Skip(fake.path, f"{which} original: {error}")
+        try:
+            indices = evenly_spaced(frame_count(fake.path), config.frames_per_video)
+            frames = read_frames(fake.path, indices)
+        except BadVideo as e:
+            return _Skip(fake.path, str(e))
+        masks = {}
+        if fake.mask_path:
+            try:
+                masks = read_frames(fake.mask_path, indices)
+            except BadVideo as e:  # fall back to derived masks, say so
+                log.warning("%s: %s; deriving masks instead", fake.mask_path, e)
+        # One sequential read per video: all the frames this fake needs, at once.
+        targets = target.faces_at([target.clip(i) for i in indices])
+        sources = source.faces_at([source.clip(i) for i in indices])
+        return target, source, indices, frames, masks, targets, sources
+
     def _generate_examples(self, split: str, plan: list, pristine: list):
         return self._annotated(split, self._parts(split, plan, pristine))
 
@@ -450,30 +499,11 @@ class FaceForensics(paired_images.ManualBuilder):
         config = self.builder_config
         size = config.image_size
         counter = self._counters[split]
-        for fake in plan:
-            target = self._original(fake.target)
-            source = self._original(fake.source)
-            if target.error or source.error:
-                which, error = (
-                    ("target", target.error) if target.error else ("source", source.error)
-                )
-                counter.skip(fake.path, f"{which} original: {error}")
+        for fake, read in _one_ahead(self._read_fake, plan):
+            if isinstance(read, _Skip):
+                counter.skip(read.item, read.reason)
                 continue
-            try:
-                indices = evenly_spaced(frame_count(fake.path), config.frames_per_video)
-                frames = read_frames(fake.path, indices)
-            except BadVideo as e:
-                counter.skip(fake.path, str(e))
-                continue
-            masks = {}
-            if fake.mask_path:
-                try:
-                    masks = read_frames(fake.mask_path, indices)
-                except BadVideo as e:  # fall back to derived masks, say so
-                    log.warning("%s: %s; deriving masks instead", fake.mask_path, e)
-            # One sequential read per video: all the frames this fake needs, at once.
-            targets = target.faces_at([target.clip(i) for i in indices])
-            sources = source.faces_at([source.clip(i) for i in indices])
+            target, source, indices, frames, masks, targets, sources = read
             for i in indices:
                 item = f"{fake.path}#{i}"
                 entry = targets[target.clip(i)]
