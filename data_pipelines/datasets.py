@@ -11,7 +11,13 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from data_pipelines import splits
-from data_pipelines.builders import celeba_megafs, faceforensics, ffhq_e4s, lfw_swap
+from data_pipelines.builders import (
+    celeba_megafs,
+    faceforensics,
+    ffhq_e4s,
+    lfw_swap,
+    paired_images,
+)
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 DATASETS = ("lfw_swap", "faceforensics", "celeba_megafs", "ffhq_e4s")
@@ -63,7 +69,8 @@ def get_builder(data) -> tfds.core.DatasetBuilder:
         chosen = _chosen_methods(module.DEFAULT_CONFIG.method_dirs, methods)
         config = module.make_config(image_size=data.image_size, **chosen, **options(data))
     builder = module.BUILDER(config=config, data_dir=data.data_dir)
-    builder.manual_dir = data.manual_dir or None  # its tree's fingerprint: `_stale`
+    if isinstance(builder, paired_images.ManualBuilder):
+        builder.manual_dir = data.manual_dir or None  # its tree's fingerprint: `_stale`
     return builder
 
 

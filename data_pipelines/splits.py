@@ -46,23 +46,32 @@ def folder_fingerprint(people: dict[str, list[str]]) -> str:
     """sha256 (16 hex) of a scanned folder's listing: each file's person/name and size. Equal
     for a copy of the same files elsewhere, different when a file is added, removed, renamed
     or resized (a build records it; `datasets.prepare` rebuilds when it changes)."""
-    digest = hashlib.sha256()
-    for person, paths in sorted(people.items()):
-        for path in paths:
-            digest.update(f"{person}/{os.path.basename(path)}:{os.path.getsize(path)}\n".encode())
-    return digest.hexdigest()[:16]
+    return _listing_digest(
+        (f"{person}/{os.path.basename(path)}", path)
+        for person, paths in sorted(people.items())
+        for path in paths
+    )
 
 
 def tree_fingerprint(root: str) -> str:
     """sha256 (16 hex) of every file below `root` (relative path and size; hidden names left
     out): `folder_fingerprint` for the manual_dir datasets, whose trees have no person level."""
+
+    def files():
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = os.path.relpath(folder, root)
+            for name in sorted(f for f in names if not f.startswith(".")):
+                yield f"{rel}/{name}", os.path.join(folder, name)
+
+    return _listing_digest(files())
+
+
+def _listing_digest(entries) -> str:
+    """sha256 (16 hex) of `label:size` lines for (label, path) entries, in the given order."""
     digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel = os.path.relpath(folder, root)
-        for name in sorted(f for f in files if not f.startswith(".")):
-            size = os.path.getsize(os.path.join(folder, name))
-            digest.update(f"{rel}/{name}:{size}\n".encode())
+    for label, path in entries:
+        digest.update(f"{label}:{os.path.getsize(path)}\n".encode())
     return digest.hexdigest()[:16]
 
 

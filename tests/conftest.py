@@ -1,21 +1,17 @@
 """Test setup: 8 emulated CPU devices so sharded code paths run everywhere.
 
 The device count must be set before any JAX backend is initialised, which is why it happens
-at import time of this conftest (pytest imports it first). The tests compile many small
-programs and run little compute, so XLA's CPU backend optimisation is turned down: it cuts
-compile time about 3x on 2 cores and does not change what the programs compute. XLA:CPU's
-MLIR fusion emitters are turned off too: the older elemental emitter compiles the tiny train
-step in ~15 s instead of ~22 s (tests/tiny.py's model, 2 Xeon cores), with the same results up
-to float rounding of fused elementwise code. Both flags travel to the CLI subprocesses the
-tests start through the environment.
+at import time of this conftest (pytest imports it first), as are the compile-time XLA flags
+(tests/xla_flags.py), which travel to the CLI subprocesses the tests start through the
+environment.
 """
 
 import os
 
+from tests import xla_flags
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
-    if _flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+xla_flags.add_to_environment()
 
 import atexit  # noqa: E402
 import shutil  # noqa: E402

@@ -72,7 +72,7 @@ def test_two_processes_score_their_parts_and_write_the_one_process_tables(
 ):
     single, multi = (shutil.copytree(tiny_run, tmp_path / name) for name in ("single", "multi"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "DFREC_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ["XLA_FLAGS"])
+    env.update(JAX_PLATFORMS="cpu")  # XLA_FLAGS: conftest's, inherited
     port = _free_port()
     pair = {**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "DFREC_NUM_PROCESSES": "2"}
     procs = [_start(_command(data, single), env)] + [

@@ -18,10 +18,10 @@ import hashlib
 import json
 import os
 
+from tests import xla_flags
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
-    if _flag not in os.environ.get("XLA_FLAGS", ""):  # tests/conftest.py's compile-time flags
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+xla_flags.add_to_environment()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
