@@ -16,6 +16,10 @@ Keys (all builders, all splits):
   extends the issue's dict (pose consistency in evaluation).
 - `label`   0 pristine / 1 forgery; `method` string ("pristine" or the swap method);
   `source_id`, `target_id` strings (identities; equal for pristine faces).
+- `mask_source` string, where `mask` came from: "dataset" (shipped with the data, e.g.
+  FF++ mask videos), "derived" (from |forgery - target|, paired_images.derive_mask),
+  "generated" (the builder made the forgery, so it knows the region: lfw_swap) or
+  "pristine" (the all-255 convention). Extends the issue's dict (provenance per example).
 
 Pristine examples: a real face is its own source, so EVERY pixel carries the source identity:
 mask == 255 everywhere, source == target == image, alpha 0 (nothing was mixed in). Forgeries
@@ -35,6 +39,7 @@ PRISTINE = "pristine"
 ALPHA_PRISTINE = 0.0
 ALPHA_SPLICE = 1.0
 ALPHA_UNKNOWN = -1.0  # datasets of learned swappers: the share is not known
+MASK_SOURCES = ("dataset", "derived", "generated", PRISTINE)  # `mask_source` values
 
 
 def features_dict(image_size: int) -> tfds.features.FeaturesDict:
@@ -53,6 +58,7 @@ def features_dict(image_size: int) -> tfds.features.FeaturesDict:
             "method": tfds.features.Text(),
             "source_id": tfds.features.Text(),
             "target_id": tfds.features.Text(),
+            "mask_source": tfds.features.Text(),
         }
     )
 
@@ -80,6 +86,7 @@ def pristine_example(
         "method": PRISTINE,
         "source_id": identity,
         "target_id": identity,
+        "mask_source": PRISTINE,
     }
 
 
@@ -94,9 +101,14 @@ def forgery_example(
     source_id: str,
     target_id: str,
     alpha: float,
+    mask_source: str,
 ) -> dict:
     """A face swap: `source`'s identity pasted into `target` inside `mask` (255 = source);
-    `alpha`: the share of source texture there (1 splice, (0, 1) morph, -1 unknown)."""
+    `alpha`: the share of source texture there (1 splice, (0, 1) morph, -1 unknown);
+    `mask_source`: where the mask came from (MASK_SOURCES, not "pristine")."""
+    if mask_source not in MASK_SOURCES[:-1]:
+        raise ValueError(f"forgery {source_id} -> {target_id} ({method}): mask_source "
+                         f"{mask_source!r} not one of {MASK_SOURCES[:-1]}")  # fmt: skip
     mask = _gray(mask)
     if not mask.any():
         raise ValueError(f"forgery {source_id} -> {target_id} ({method}) has an empty mask")
@@ -116,4 +128,5 @@ def forgery_example(
         "method": method,
         "source_id": source_id,
         "target_id": target_id,
+        "mask_source": mask_source,
     }

@@ -268,10 +268,24 @@ def write_video(path: str, frames) -> None:
     writer.release()
 
 
-def write_faceforensics(root: str, compression: str = "c23") -> dict:
+def _decoded(path: str) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    capture.release()
+    return frames
+
+
+def write_faceforensics(root: str, compression: str = "c23", lcr: bool = False) -> dict:
     """Originals 000-004 (005 listed in the splits but absent), Deepfakes 000_001 (with a mask
     video) and 001_000, FaceSwap 002_003 and 004_005 (source missing), a corrupt Deepfakes
-    003_002, a file outside the splits, and the three split jsons."""
+    003_002, a file outside the splits, and the three split jsons. `lcr`: also LCR swaps as
+    frame folders (the builder's docstring) 000_001 (frame 4 not an image) and 001_000 (all 10
+    frames as PNG), 002_003 as a video and as a frame folder (read from the video)."""
     lfw = lfw_people()
     people = sorted(lfw)[10:15]
     faces = {f"{i:03d}": skips.read_rgb8(lfw[p][0]) for i, p in enumerate(people)}
@@ -312,6 +326,19 @@ def write_faceforensics(root: str, compression: str = "c23") -> dict:
         os.path.join(manipulated, "Deepfakes", compression, "videos", "000_777.mp4"),
         frames["000"][:2],
     )
+
+    if lcr:
+        # Made, as a user would, from the originals' decoded frames.
+        decoded = {vid: _decoded(os.path.join(originals, f"{vid}.mp4")) for vid in frames}
+        lcr_dir = os.path.join(manipulated, "LCR", compression)
+        for t, s in [("000", "001"), ("001", "000"), ("002", "003")]:
+            swapped = [np.where(frame_ellipse(i)[..., None], decoded[s][i], decoded[t][i])
+                       for i in range(FRAMES)]  # fmt: skip
+            for i, frame in enumerate(swapped):
+                write_png(os.path.join(lcr_dir, "frames", f"{t}_{s}", f"{i:04d}.png"), frame)
+        with open(os.path.join(lcr_dir, "frames", "000_001", "0004.png"), "wb") as f:
+            f.write(b"not a png")
+        write_video(os.path.join(lcr_dir, "videos", "002_003.mp4"), fake("002", "003"))
 
     split_pairs = {"train": [["000", "001"]], "val": [["002", "003"]], "test": [["004", "005"]]}
     os.makedirs(os.path.join(root, "splits"), exist_ok=True)

@@ -177,7 +177,7 @@ def test_writes_every_field(clean, data, workdir):
     }
     assert metrics["config_hash"] == open(os.path.join(workdir, "config_hash.txt")).read().strip()
     assert metrics["split"] == "test" and metrics["perturb"] == ""
-    assert metrics["dataset"]["name"] == "lfw_swap/res32/2.0.0"
+    assert metrics["dataset"]["name"] == "lfw_swap/res32/3.0.0"
     assert metrics["dataset"]["split_examples"] == len(forged)
     assert metrics["paper_reference"]["values"]["CelebaMegaFS FTM"]["dfrec"] == 0.7192
     assert {"jax", "tensorflow", "python"} <= set(metrics["versions"])

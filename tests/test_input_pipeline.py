@@ -26,17 +26,18 @@ def _examples(n=N, labels=None, encode=False):
     if labels is None:
         labels = [int(i % 4 in (1, 2)) for i in range(n)]  # both labels in every shard of 2
     cols = {k: [] for k in ("image", "source", "target", "mask", "label", "method")}
-    cols.update(source_id=[], target_id=[], alpha=[])
+    cols.update(source_id=[], target_id=[], alpha=[], mask_source=[])
     for i, label in enumerate(labels):
         face = rng.integers(0, 256, (S, S, 3), np.uint8)
         person = f"p{i // 2 % 10}"
         if label == 0:  # pristine: its own source, mask 255 everywhere
             full = np.full_like(face_mask, 255)
-            row = (face, face, face, full, 0, "pristine", person, person, 0.0)
+            row = (face, face, face, full, 0, "pristine", person, person, 0.0, "pristine")
         else:
             source = rng.integers(0, 256, (S, S, 3), np.uint8)
             image = np.where(face_mask > 0, source, face)
-            row = (image, source, face, face_mask, 1, "hull_blend", "other", person, 1.0)
+            row = (image, source, face, face_mask, 1, "hull_blend", "other", person, 1.0,
+                   "generated")  # fmt: skip
         for k, v in zip(cols, row):
             cols[k].append(v)
     data = {k: np.stack(v) for k, v in cols.items()}

@@ -130,8 +130,10 @@ def test_every_example_is_consistent(tree, built):
                 np.testing.assert_array_equal(e["source"], e["image"])
                 np.testing.assert_array_equal(e["target"], e["image"])
                 assert e["source_id"] == e["target_id"]
+                assert _text(e["mask_source"]) == "pristine"
             else:
                 methods.add(_text(e["method"]))
+                assert _text(e["mask_source"]) == "generated"  # the builder made the swap
                 outside = e["mask"][..., 0] == 0
                 assert (~outside).sum() > 500
                 np.testing.assert_array_equal(e["image"][outside], e["target"][outside])

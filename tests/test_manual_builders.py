@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import skips, splits
+from data_pipelines import features, skips, splits
 from data_pipelines.builders import celeba_megafs, faceforensics, ffhq_e4s, paired_images
 from tests import fixtures_manual
 
@@ -59,8 +59,10 @@ def check_example(ex: dict, size: int = 224) -> None:
         np.testing.assert_array_equal(ex["source"], ex["image"])
         np.testing.assert_array_equal(ex["target"], ex["image"])
         assert ex["source_id"] == ex["target_id"]
+        assert ex["mask_source"] == b"pristine"
         return
     assert ex["label"] == 1 and ex["method"] != b"pristine"
+    assert ex["mask_source"] in (b"dataset", b"derived")
     assert ex["alpha"] == -1.0
     assert ex["source_id"] != ex["target_id"]
     mask = ex["mask"][..., 0] > 0
@@ -103,6 +105,11 @@ def test_faceforensics_builds_every_split_with_consistent_examples(ff):
     sources = builder.info.metadata["mask_source"]
     assert sources == {"train": {"dataset": 3, "derived": 3}, "validation": {"derived": 3},
                        "test": {}}  # fmt: skip
+    # Stored per example too: 000_001's frames say "dataset", the others "derived".
+    per_example = {(ex["target_id"], ex["source_id"], ex["mask_source"])
+                   for x in data.values() for ex in x if ex["label"]}  # fmt: skip
+    assert per_example == {(b"000", b"001", b"dataset"), (b"001", b"000", b"derived"),
+                           (b"002", b"003", b"derived")}  # fmt: skip
     for examples in data.values():
         for ex in examples:
             check_example(ex)
@@ -339,6 +346,38 @@ def test_faceforensics_reads_the_lossless_raw_folder(tmp_path):
                 tmp_path / "manual")  # fmt: skip
 
 
+def test_faceforensics_reads_lcr_swaps_as_frame_folders(tmp_path):
+    """LCR (not in the FF++ download) as frame images named by their target-video index:
+    the frames are the target video's at those indices (the crops equal the pristine ones),
+    a frame that is not an image is counted, and a pair given both ways is read from its video."""
+    fixtures_manual.write_faceforensics(str(tmp_path / "manual"), lcr=True)
+    config = faceforensics.make_config(
+        methods=("LCR",), frames_per_video=3, landmark_batch=LANDMARK_BATCH
+    )
+    builder = prepare(faceforensics.FaceForensics, config, tmp_path / "tfds", tmp_path / "manual")
+    data = load(builder)
+    fakes = {s: sorted((e["target_id"], e["source_id"]) for e in x if e["label"])
+             for s, x in data.items()}  # fmt: skip
+    # frames 0, 4, 9 of each pair; 000_001's frame 4 is not an image.
+    assert fakes == {"train": [(b"000", b"001")] * 2 + [(b"001", b"000")] * 3,
+                     "validation": [(b"002", b"003")] * 3, "test": []}  # fmt: skip
+    assert builder.info.metadata["methods"] == ["LCR"]
+    skipped = builder.skip_summary()
+    assert skipped["train"] == {"frame image: not an image": 1}
+    assert skipped["unsplit"] == {"pair also given as a video": 1}
+    truth = fixtures_manual.face_ellipse(224)
+    for examples in data.values():
+        pristine = [e["image"] for e in examples if e["label"] == 0]
+        for ex in (e for e in examples if e["label"]):
+            check_example(ex)
+            assert ex["method"] == b"LCR"
+            assert same_image_in(ex["target"], pristine)
+            assert iou(ex["mask"], truth) > 0.85  # derived: LCR ships no masks
+    assert builder.info.metadata["mask_source"]["train"] == {"derived": 5}
+    with pytest.raises(ValueError, match="LCR"):
+        faceforensics.make_config(methods=("LRC",))
+
+
 def test_a_changed_manual_dir_is_rebuilt(tmp_path):
     """datasets.prepare compares the manual_dir's fingerprint with the build's, as lfw_swap's
     folder: unchanged, the build is reused; one file less, it is rebuilt (the old one kept
@@ -472,3 +511,21 @@ def test_masks_over_most_of_the_crop_are_implausible():
     real = paired_images.derive_mask(fixtures_manual.swap(faces[0], faces[1]), faces[0])
     assert paired_images.implausible_mask(real, limit) is None
     assert paired_images.implausible_mask(np.zeros_like(real), limit) == "empty mask"
+
+
+def test_forgery_examples_name_where_their_mask_came_from():
+    """`mask_source` is part of the features contract: a forgery's is one of the three
+    sources, a pristine face's "pristine"; anything else is refused."""
+    face = np.zeros((8, 8, 3), np.uint8)
+    mask = np.full((8, 8), 255, np.uint8)
+    args = dict(image=face, source=face, target=face, mask=mask, face_mask=mask,
+                landmarks=np.zeros((68, 2)), method="x", source_id="a", target_id="b",
+                alpha=-1.0)  # fmt: skip
+    for source in ("dataset", "derived", "generated"):
+        assert features.forgery_example(**args, mask_source=source)["mask_source"] == source
+    for bad in ("pristine", "guessed"):
+        with pytest.raises(ValueError, match="mask_source"):
+            features.forgery_example(**args, mask_source=bad)
+    assert features.pristine_example(face, mask, np.zeros((68, 2)), "a")["mask_source"] == (
+        "pristine"
+    )

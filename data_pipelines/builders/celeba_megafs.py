@@ -83,7 +83,7 @@ class CelebaMegafs(paired_images.PairedImageBuilder):
     """CelebA-HQ face swaps by MegaFS (FTM, IDInjection, LCR) with true sources and targets."""
 
     name = "celeba_megafs"
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = paired_images.RELEASE_NOTES
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"

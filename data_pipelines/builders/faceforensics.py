@@ -8,6 +8,7 @@ Expected tree (what FaceForensics++' download script writes with `-c <c> -t vide
       manipulated_sequences/<Method>/<c>/videos/TTT_SSS.mp4  frames of target video TTT with
                                                              the face of source video SSS
       manipulated_sequences/<Method>/masks/videos/TTT_SSS.mp4   optional manipulation masks
+      manipulated_sequences/LCR/<c>/frames/TTT_SSS/NNNN.png  LCR swaps as frames (below)
       splits/{train,val,test}.json                           the official splits: lists of
                                                              ["TTT", "SSS"] id pairs
 
@@ -17,6 +18,13 @@ methods Face2Face and NeuralTextures only when asked, with a warning: they keep 
 identity, so their `source` and masks mean nothing for identity recovery. Only methods whose
 folder exists are read, the others are listed in metadata["missing_methods"] (an error only if
 none exists). DeepFakeDetection (actors' videos, other naming) is not read.
+LCR (MegaFS's swapper, the paper's third FF++ row) is not part of the FF++ download: it is
+read when asked for (`methods=("LCR",)` or `dataset=faceforensics,method=LCR`) from
+`manipulated_sequences/LCR/<c>/`, either as videos named like the others or as frame images,
+`frames/TTT_SSS/NNNN.png` (or .jpg): target video TTT's frame NNNN (its index in the original
+video, e.g. from `ffmpeg -i TTT.mp4 %04d.png` renumbered from 0) with source SSS's face swapped
+in by MegaFS LCR. Any method's folder may hold frame folders; a pair present as both a video
+and a frame folder is read from the video.
 Compression (config `compression`): raw | c23 | c40, the download script's folder names
 (`-c raw` is the lossless one; there is no `c0` folder).
 
@@ -67,18 +75,21 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import alignment, splits
+from data_pipelines import alignment, skips, splits
 from data_pipelines.builders import paired_images
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 log = logging.getLogger(__name__)
 
 IDENTITY_SWAPS = ("Deepfakes", "FaceShifter", "FaceSwap")
+LCR = "LCR"  # MegaFS swaps of FF++ frames, made by the user (module docstring)
 REENACTMENT = ("Face2Face", "NeuralTextures")  # the target's identity stays: not identity swaps
 DEFAULT_METHODS = IDENTITY_SWAPS
+KNOWN_METHODS = IDENTITY_SWAPS + (LCR,) + REENACTMENT
 COMPRESSIONS = ("raw", "c23", "c40")
 SPLIT_FILES = {"train": "train.json", "validation": "val.json", "test": "test.json"}
-_FAKE_NAME = re.compile(r"^(?P<target>\d+)_(?P<source>\d+)\.mp4$")
+_FAKE_NAME = re.compile(r"^(?P<target>\d+)_(?P<source>\d+)(?P<video>\.mp4)?$")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # The docstring's expected tree (tfds prints it when manual_dir is missing).
 MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__.split("\n\n", 1)[1].split("\nMethods read")[0]
@@ -136,10 +147,10 @@ def make_config(**overrides) -> FaceForensicsConfig:
         raise ValueError(f"faceforensics compression must be one of {', '.join(COMPRESSIONS)}, "
                          f"got {compression!r}{hint}")  # fmt: skip
     methods = tuple(overrides.get("methods", DEFAULT_METHODS))
-    unknown = [m for m in methods if m not in IDENTITY_SWAPS + REENACTMENT]
+    unknown = [m for m in methods if m not in KNOWN_METHODS]
     if unknown or not methods:
         raise ValueError(f"faceforensics methods must be a non-empty subset of "
-                         f"{IDENTITY_SWAPS + REENACTMENT}, got {methods}")  # fmt: skip
+                         f"{KNOWN_METHODS}, got {methods}")  # fmt: skip
     reenactment = [m for m in methods if m in REENACTMENT]
     if reenactment:
         log.warning("faceforensics: %s reenact expressions (the identity stays the target's): "
@@ -235,6 +246,41 @@ def read_frames(path: str, indices) -> dict[int, np.ndarray]:
     return frames
 
 
+def frame_files(folder: str) -> dict[int, str]:
+    """{frame index: path} of a frame folder's images (named by their index), in order."""
+    if not os.path.isdir(folder):
+        raise BadVideo("missing frame folder")
+    files = {}
+    for name in os.listdir(folder):
+        stem, suffix = os.path.splitext(name)
+        if suffix.lower() in FRAME_SUFFIXES and stem.isdigit():
+            files[int(stem)] = os.path.join(folder, name)
+    if not files:
+        raise BadVideo("empty frame folder")
+    return dict(sorted(files.items()))
+
+
+def fake_frames(path: str, k: int) -> tuple[list[int], dict[int, np.ndarray], dict[int, str]]:
+    """A fake's k evenly spaced frames: (indices in the target video, {index: uint8 RGB},
+    {index: why it is missing}). `path` is a video, or a folder of frame images named by
+    their index in the target video (module docstring)."""
+    if not os.path.isdir(path):
+        indices = evenly_spaced(frame_count(path), k)
+        return indices, read_frames(path, indices), {}
+    files = frame_files(path)
+    available = list(files)
+    indices = [available[j] for j in evenly_spaced(len(available), k)]
+    frames, reasons = {}, {}
+    for i in indices:
+        try:
+            frames[i] = skips.read_rgb8(files[i])
+        except skips.BadImage as e:
+            reasons[i] = f"frame image: {e}"
+    if not frames:
+        raise BadVideo(f"no readable frame image ({reasons[indices[0]]})")
+    return indices, frames, reasons
+
+
 class _Original:
     """One original video: its frame count and its aligned faces, detected on demand."""
 
@@ -323,12 +369,13 @@ class FaceForensics(paired_images.ManualBuilder):
     """FaceForensics++ fake frames aligned with their true target and source faces."""
 
     name = "faceforensics"
-    VERSION = tfds.core.Version("2.1.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = {
         **paired_images.RELEASE_NOTES,
         "2.1.0": "The official splits merged per person when an identity file exists "
         "(config identity_file, default splits/identities.txt); metadata identity_source and "
         "moved_by_person.",
+        "3.0.0": paired_images.RELEASE_NOTES["3.0.0"] + " LCR swaps read from frame folders.",
     }
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
@@ -399,9 +446,10 @@ class FaceForensics(paired_images.ManualBuilder):
         manipulated = os.path.join(root, "manipulated_sequences")
         present, missing = {}, []
         for method in config.methods:
-            folder = os.path.join(manipulated, method, config.compression, "videos")
-            if os.path.isdir(folder):
-                present[method] = folder
+            folders = [os.path.join(manipulated, method, config.compression, kind)
+                       for kind in ("videos", "frames")]  # fmt: skip
+            if any(os.path.isdir(f) for f in folders):
+                present[method] = [f for f in folders if os.path.isdir(f)]
             else:
                 missing.append(method)
         self.info.metadata["methods"] = sorted(present)
@@ -416,15 +464,22 @@ class FaceForensics(paired_images.ManualBuilder):
             )
 
         fakes = {s: [] for s in splits.SPLITS}
-        for method, folder in present.items():
+        for method, folders in present.items():
             mask_dir = os.path.join(manipulated, method, "masks", "videos")
-            for name in sorted(os.listdir(folder)):
-                path = os.path.join(folder, name)
-                match = _FAKE_NAME.match(name)
-                if not match:
+            videos = set()
+            for path in (os.path.join(f, name) for f in folders for name in sorted(os.listdir(f))):
+                # videos/TTT_SSS.mp4 files, frames/TTT_SSS folders (module docstring)
+                match = _FAKE_NAME.match(os.path.basename(path))
+                is_video = os.path.basename(os.path.dirname(path)) == "videos"
+                if not match or bool(match.group("video")) != is_video:
                     counters[paired_images.UNSPLIT].skip(path, "unrecognised file name")
                     continue
                 target, source = match.group("target"), match.group("source")
+                if is_video:
+                    videos.add((target, source))
+                elif (target, source) in videos:
+                    counters[paired_images.UNSPLIT].skip(path, "pair also given as a video")
+                    continue
                 split, source_split = split_of.get(target), split_of.get(source)
                 if split is None or source_split is None:
                     counters[paired_images.UNSPLIT].skip(path, "not in official splits")
@@ -435,7 +490,7 @@ class FaceForensics(paired_images.ManualBuilder):
                 elif source not in originals:
                     counters[split].skip(path, "missing source original")
                 else:
-                    mask_path = os.path.join(mask_dir, name)
+                    mask_path = os.path.join(mask_dir, f"{target}_{source}.mp4")
                     mask_path = mask_path if os.path.isfile(mask_path) else None
                     fakes[split].append(_Fake(path, method, target, source, mask_path))
         pristine = {s: [] for s in splits.SPLITS}
@@ -468,7 +523,8 @@ class FaceForensics(paired_images.ManualBuilder):
 
     def _read_fake(self, fake: _Fake):
         """Everything a fake's examples need from its videos, decoded and detected: (target,
-        source, frame indices, fake frames, mask frames, target faces, source faces), or a
+        source, frame indices, fake frames, why frames are missing, mask frames, target faces,
+        source faces), or a
         _Skip. Runs one fake ahead of the example writing (`_one_ahead`), on its own thread."""
         config = self.builder_config
         target = self._original(fake.target)
@@ -477,8 +533,7 @@ class FaceForensics(paired_images.ManualBuilder):
             which, error = ("target", target.error) if target.error else ("source", source.error)
             return _Skip(fake.path, f"{which} original: {error}")
         try:
-            indices = evenly_spaced(frame_count(fake.path), config.frames_per_video)
-            frames = read_frames(fake.path, indices)
+            indices, frames, missing = fake_frames(fake.path, config.frames_per_video)
         except BadVideo as e:
             return _Skip(fake.path, str(e))
         masks = {}
@@ -490,7 +545,7 @@ class FaceForensics(paired_images.ManualBuilder):
         # One sequential read per video: all the frames this fake needs, at once.
         targets = target.faces_at([target.clip(i) for i in indices])
         sources = source.faces_at([source.clip(i) for i in indices])
-        return target, source, indices, frames, masks, targets, sources
+        return target, source, indices, frames, missing, masks, targets, sources
 
     def _generate_examples(self, split: str, plan: list, pristine: list):
         return self._annotated(split, self._parts(split, plan, pristine))
@@ -503,12 +558,12 @@ class FaceForensics(paired_images.ManualBuilder):
             if isinstance(read, _Skip):
                 counter.skip(read.item, read.reason)
                 continue
-            target, source, indices, frames, masks, targets, sources = read
+            target, source, indices, frames, missing, masks, targets, sources = read
             for i in indices:
                 item = f"{fake.path}#{i}"
                 entry = targets[target.clip(i)]
                 if i not in frames:
-                    counter.skip(item, "truncated video")
+                    counter.skip(item, missing.get(i, "truncated video"))
                     continue
                 if isinstance(entry, str):
                     counter.skip(item, entry)
@@ -535,7 +590,6 @@ class FaceForensics(paired_images.ManualBuilder):
                     counter.skip(item, f"source: {source_entry}")
                     continue
                 key = f"{fake.method}/{fake.target}_{fake.source}/{i:06d}"
-                self._note_mask(key, mask_source)
                 yield (
                     key,
                     paired_images.forgery_parts(
@@ -546,6 +600,7 @@ class FaceForensics(paired_images.ManualBuilder):
                         fake.method,
                         fake.source,
                         fake.target,
+                        mask_source,
                     ),
                 )
         for video_id in pristine:

@@ -67,7 +67,7 @@ class FfhqE4s(paired_images.PairedImageBuilder):
     """FFHQ face swaps by E4S with their true sources and targets."""
 
     name = "ffhq_e4s"
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = paired_images.RELEASE_NOTES
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
     DEFAULT_BUILDER_CONFIG_NAME = "default"

@@ -26,7 +26,7 @@ splits; `max_people` > 0 keeps the first people in name order):
    where `mask == 0` holds at every size.
 
 Skip counts per split are stored in the dataset's metadata
-(`<data_dir>/lfw_swap/<config>/2.0.0/metadata.json`: `{"skipped": {split: {reason: n}},
+(`<data_dir>/lfw_swap/<config>/3.0.0/metadata.json`: `{"skipped": {split: {reason: n}},
 "lfw_dir": path}`) and returned by `LfwSwap.skip_summary()`. A split left with no usable face
 is left out of the dataset (tfds cannot write an empty split); its skips are still recorded.
 
@@ -240,13 +240,15 @@ class _Face:
 class LfwSwap(tfds.core.GeneratorBasedBuilder):
     """Pristine LFW faces and synthetic swaps; see the module docstring."""
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "2.0.0": "Identity morphs (`morph_blend`, about 60% of the forgeries by default: "
         "morph_fraction, morph_alpha); new feature `alpha` (share of source texture: 0 "
         "pristine, 1 splices, drawn for morphs); pristine faces carry mask 255 everywhere "
         "(a real face is its own source; was 0).",
+        "3.0.0": 'New feature `mask_source` (features.py): "generated" for these forgeries, '
+        '"pristine" for real faces.',
     }
     BUILDER_CONFIGS = [make_config(112), make_config(224)]
 
@@ -404,6 +406,7 @@ class LfwSwap(tfds.core.GeneratorBasedBuilder):
                     source_id=source.person,
                     target_id=face.person,
                     alpha=result.alpha,
+                    mask_source="generated",
                 )
                 yield key, encode_pngs(forgery, size)
         self._record_skips(split, counter)

@@ -333,6 +333,7 @@ class Annotator:
                     # Learned swappers: how much of the source's texture is in the face is
                     # not known.
                     alpha=features.ALPHA_UNKNOWN,
+                    mask_source=parts["mask_source"],
                 )
             else:
                 example = features.pristine_example(
@@ -347,8 +348,10 @@ def pristine_parts(image: np.ndarray, identity: str) -> dict:
     return {"label": 0, "image": image, "target_id": identity}
 
 
-def forgery_parts(image, source, target, mask, method, source_id, target_id) -> dict:
+def forgery_parts(image, source, target, mask, method, source_id, target_id,
+                  mask_source) -> dict:  # fmt: skip
     return {
+        "mask_source": mask_source,
         "label": 1,
         "image": image,
         "source": source,
@@ -370,13 +373,15 @@ RELEASE_NOTES = {
     "2.0.0": "Pristine faces carry mask 255 everywhere (a real face is its own source; was 0). "
     "New feature `alpha` (float32): 0 for pristine faces, -1 (unknown) for these datasets' "
     "forgeries.",
+    "3.0.0": 'New feature `mask_source` per example (features.py): "dataset" or "derived" for '
+    'forgeries, "pristine" for real faces.',
 }
 
 
 class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the manual_dir builders: features, metadata, skip accounting."""
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = RELEASE_NOTES
     LAYOUT = ""  # one-paragraph expected tree (the DatasetLayoutError text)
     HOMEPAGE = ""
@@ -425,16 +430,10 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         counters = {s: skips.SkipCounter(f"{self.name}/{s}") for s in splits.SPLITS}
         counters[UNSPLIT] = skips.SkipCounter(f"{self.name}/{UNSPLIT}")
         self._counters = counters
+        # Forgeries' `mask_source` (features.py) counted per split as they are written.
         self._mask_sources = {s: collections.Counter() for s in splits.SPLITS}
-        self._mask_of: dict[str, str] = {}  # example key -> its mask's source, until written
         self._record_skips()
         return counters
-
-    def _note_mask(self, key: str, source: str) -> None:
-        """The forgery `key`'s mask came from `source`: "dataset" (shipped with the data, e.g.
-        FF++ mask videos) or "derived" (|fake - target|, derive_mask); counted per split in
-        metadata["mask_source"] when the example is written."""
-        self._mask_of[key] = source
 
     def _record_skips(self) -> None:
         """Skip counts and mask sources per split into the metadata (metadata.json)."""
@@ -467,9 +466,8 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             nonlocal yielded
             for item in items:
                 yielded += 1
-                source = self._mask_of.pop(item[0], None)
-                if source is not None:
-                    self._mask_sources[split][source] += 1
+                if item[1]["label"]:
+                    self._mask_sources[split][item[1]["mask_source"]] += 1
                 yield item
 
         for key, parts in parts_iter:
@@ -698,7 +696,6 @@ class PairedImageBuilder(ManualBuilder, skip_registration=True):
             if reason is not None:
                 counter.skip(rel, reason if mask.any() else "empty mask (swap equals its target)")
                 continue
-            self._note_mask(swap.key, "derived")
             yield (
                 swap.key,
                 forgery_parts(
@@ -709,6 +706,7 @@ class PairedImageBuilder(ManualBuilder, skip_registration=True):
                     swap.method,
                     self._identity(swap.source),
                     self._identity(swap.target),
+                    "derived",
                 ),
             )
         for key in targets:
