@@ -170,6 +170,7 @@ def data_config(image_size=224, dataset="lfw_swap"):
             dataset=dataset,
             data_dir=configlib.data_dir(),  # where TFDS keeps prepared datasets
             manual_dir="",  # faceforensics / celeba_megafs / ffhq_e4s: the user's download
+            build_workers=0,  # processes detecting faces in a faceforensics build; 0 = all cores
             lfw_dir=configlib.lfw_dir(),
             image_size=image_size,
             # lfw_swap content: people read (0 = all), synthetic forgeries per real image.

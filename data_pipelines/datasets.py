@@ -71,6 +71,7 @@ def get_builder(data) -> tfds.core.DatasetBuilder:
     builder = module.BUILDER(config=config, data_dir=data.data_dir)
     if isinstance(builder, paired_images.ManualBuilder):
         builder.manual_dir = data.manual_dir or None  # its tree's fingerprint: `_stale`
+        builder.build_workers = data.get("build_workers", 0)
     return builder
 
 

@@ -27,6 +27,7 @@ equal their target wherever mask == 0. Images are stored as PNG: lossless, so "i
 target outside the mask" holds bit for bit after decoding.
 """
 
+import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -61,6 +62,29 @@ def features_dict(image_size: int) -> tfds.features.FeaturesDict:
             "mask_source": tfds.features.Text(),
         }
     )
+
+
+IMAGE_CHANNELS = {"image": 3, "source": 3, "target": 3, "mask": 1, "face_mask": 1}
+
+
+def encode_pngs(example: dict, size: int) -> dict:
+    """`example` with its images as PNG bytes, what the builders yield: OpenCV's encoder is
+    ~10x faster than tfds' TensorFlow one (4.6 vs 45.6 ms for one example's five 224 px
+    images, measured) and releases the GIL. Lossless, so decoding gives back the arrays bit
+    for bit; tfds stores bytes unchecked, hence the shape check here."""
+    out = dict(example)
+    for key, channels in IMAGE_CHANNELS.items():
+        array = example[key]
+        if array.dtype != np.uint8 or array.shape != (size, size, channels):
+            raise ValueError(f"{key} is {array.dtype}{array.shape}, "
+                             f"expected uint8({size}, {size}, {channels})")  # fmt: skip
+        if channels == 3:
+            array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
+        ok, png = cv2.imencode(".png", array)
+        if not ok:
+            raise ValueError(f"PNG encoding of {key} failed")
+        out[key] = png.tobytes()
+    return out
 
 
 def _gray(mask: np.ndarray) -> np.ndarray:

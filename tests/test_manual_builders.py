@@ -8,6 +8,7 @@ net serve every build (paired_images caches them per process).
 
 import glob
 import json
+import logging
 import os
 
 import cv2
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import features, skips, splits
+from data_pipelines import alignment, detections, features, skips, splits
 from data_pipelines.builders import celeba_megafs, faceforensics, ffhq_e4s, paired_images
 from tests import fixtures_manual
 
@@ -529,3 +530,78 @@ def test_forgery_examples_name_where_their_mask_came_from():
     assert features.pristine_example(face, mask, np.zeros((68, 2)), "a")["mask_source"] == (
         "pristine"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Face detection on every core, stored so that a crashed build resumes (detections.py)
+
+
+def assert_same_examples(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for split in a:
+        assert len(a[split]) == len(b[split])
+        for x, y in zip(a[split], b[split]):  # same order, same bytes, every feature
+            assert x.keys() == y.keys()
+            for name in x:
+                np.testing.assert_array_equal(x[name], y[name])
+
+
+def test_faceforensics_detects_faces_on_worker_processes_with_the_same_result(ff, tmp_path,
+                                                                              caplog):  # fmt: skip
+    builder, data, _, config, root = ff
+    again = faceforensics.FaceForensics(data_dir=str(tmp_path), config=config)
+    again.build_workers = 2
+    with caplog.at_level(logging.INFO, logger="data_pipelines.detections"):
+        again.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(root / "manual"))
+        )
+    assert "detecting faces in 5 videos (0 already stored) on 2 process(es)" in caplog.text
+    assert_same_examples(load(again), data)
+    stored = glob.glob(str(tmp_path / "faceforensics" / ".detections" / "*" / "*.json"))
+    assert sorted(os.path.basename(p) for p in stored) == [f"00{i}.json" for i in range(5)]
+
+
+def test_a_crashed_faceforensics_build_resumes_without_detecting_again(ff, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """The build dies while writing the validation split; the next run reads every face's
+    keypoints from the store (detection is made to fail) and gives the fixture's examples."""
+    _, data, _, config, root = ff
+    read_fake = faceforensics.FaceForensics._read_fake
+
+    def crash_in_validation(self, fake):
+        if fake.target == "002":
+            raise RuntimeError("killed")
+        return read_fake(self, fake)
+
+    monkeypatch.setattr(faceforensics.FaceForensics, "_read_fake", crash_in_validation)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare(faceforensics.FaceForensics, config, tmp_path, root / "manual")
+    monkeypatch.setattr(faceforensics.FaceForensics, "_read_fake", read_fake)
+
+    def detect(*args, **kwargs):
+        raise AssertionError("a face was detected again")
+
+    monkeypatch.setattr(alignment.FaceDetector, "detect", detect)
+    again = prepare(faceforensics.FaceForensics, config, tmp_path, root / "manual")
+    assert_same_examples(load(again), data)
+
+
+def test_stored_detections_follow_their_video(tmp_path):
+    """Keypoints merge per frame, survive a new Store, and are dropped when the video's file
+    changes or the stored file is half-written."""
+    video = tmp_path / "000.mp4"
+    video.write_bytes(b"a video")
+    store = detections.Store(str(tmp_path / "store"))
+    points = np.arange(10, dtype=np.float32).reshape(5, 2) / 3
+    store.put("000", str(video), {0: points})
+    store.put("000", str(video), {4: "no face"})
+    got = detections.Store(str(tmp_path / "store")).get("000", str(video))
+    assert got.keys() == {0, 4} and got[4] == "no face"
+    np.testing.assert_array_equal(got[0], points)  # float32 values round-trip exactly
+    assert got[0].dtype == np.float32
+    video.write_bytes(b"another video")  # new size: detected again
+    assert store.get("000", str(video)) == {}
+    store.put("000", str(video), {1: "no face"})
+    (tmp_path / "store" / "000.json").write_text('{"video": [1')  # a crash mid-write
+    assert store.get("000", str(video)) == {}
+    assert detections.workers_for(3) == 3 and detections.workers_for(0) >= 1

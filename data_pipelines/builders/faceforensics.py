@@ -34,6 +34,11 @@ and dataset/splits/{train,val,test}.json (the official splits, pairs of 3-digit 
 `masks/videos` location matches the widely used download script and preprocessing code.
 The split json files live in that repository, not in the download: copy them to `splits/`.
 
+Faces are detected first, for every original frame the examples will use, on
+`build_workers` processes (config.data.build_workers, 0 = one per core), and stored as each
+video finishes under `<data_dir>/faceforensics/.detections/` (data_pipelines/detections.py):
+a build that crashes or is killed later resumes without detecting them again.
+
 Per example (`frames_per_video` frames per video, evenly spaced: round(linspace(0, n-1, k))):
 - the face is detected (MTCNN, `alignment.FaceDetector`) on the TARGET's original frame with
   the same index and aligned (5 points, ArcFace template) to `image_size`; the fake frame and
@@ -66,6 +71,7 @@ under "unsplit".
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -75,7 +81,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import alignment, skips, splits
+from data_pipelines import alignment, detections, skips, splits
 from data_pipelines.builders import paired_images
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
@@ -260,16 +266,22 @@ def frame_files(folder: str) -> dict[int, str]:
     return dict(sorted(files.items()))
 
 
-def fake_frames(path: str, k: int) -> tuple[list[int], dict[int, np.ndarray], dict[int, str]]:
-    """A fake's k evenly spaced frames: (indices in the target video, {index: uint8 RGB},
-    {index: why it is missing}). `path` is a video, or a folder of frame images named by
-    their index in the target video (module docstring)."""
+def fake_indices(path: str, k: int) -> list[int]:
+    """The k evenly spaced frames a fake's examples use, as indices in the target video;
+    `path` is a video, or a folder of frame images named by that index (module docstring)."""
     if not os.path.isdir(path):
-        indices = evenly_spaced(frame_count(path), k)
+        return evenly_spaced(frame_count(path), k)
+    available = list(frame_files(path))
+    return [available[j] for j in evenly_spaced(len(available), k)]
+
+
+def fake_frames(path: str, k: int) -> tuple[list[int], dict[int, np.ndarray], dict[int, str]]:
+    """A fake's `fake_indices`, its frames there ({index: uint8 RGB}) and why any is missing
+    ({index: reason})."""
+    indices = fake_indices(path, k)
+    if not os.path.isdir(path):
         return indices, read_frames(path, indices), {}
     files = frame_files(path)
-    available = list(files)
-    indices = [available[j] for j in evenly_spaced(len(available), k)]
     frames, reasons = {}, {}
     for i in indices:
         try:
@@ -281,24 +293,17 @@ def fake_frames(path: str, k: int) -> tuple[list[int], dict[int, np.ndarray], di
     return indices, frames, reasons
 
 
-class _Original:
-    """One original video: its frame count and its aligned faces, detected on demand."""
+@dataclasses.dataclass(frozen=True)
+class FrameKeypoints:
+    """`(path, indices) -> {index: float32 [5,2] keypoints of the frame's best face, or why
+    there are none}`, decoding the video once and keeping no frame. Picklable (the detection
+    worker processes get one; its model loads there). Detection runs on a copy downscaled to
+    `detect_max_side` (FF++ faces are large; HD frames would make MTCNN slow)."""
 
-    def __init__(self, path: str, detector, size: int, detect_max_side: int):
-        self.path, self.detector, self.size = path, detector, size
-        self.detect_max_side = detect_max_side
-        self.faces = {}  # index -> (crop, matrix, frame shape) or a skip reason
-        try:
-            self.count = frame_count(path)
-            self.error = None
-        except BadVideo as e:
-            self.count, self.error = 0, str(e)
+    detector: alignment.FaceDetector
+    detect_max_side: int
 
-    def clip(self, index: int) -> int:
-        return min(index, self.count - 1)
-
-    def _keypoints(self, frame: np.ndarray) -> np.ndarray | None:
-        """Five keypoints of the frame's best face (detected on a downscaled copy), or None."""
+    def keypoints(self, frame: np.ndarray) -> np.ndarray | None:
         scale = min(1.0, self.detect_max_side / max(frame.shape[:2]))
         small = frame
         if scale < 1.0:
@@ -310,24 +315,62 @@ class _Original:
         # Pixel centres at integer coordinates: x_full + 0.5 = (x_small + 0.5) / scale.
         return (face.keypoints + 0.5) / scale - 0.5
 
+    def __call__(self, path: str, indices) -> dict:
+        wanted, found = set(int(i) for i in indices), {}
+        try:
+            capture = _open(path)
+        except BadVideo as e:
+            log.warning("%s: %s", path, e)
+            return {i: "truncated video" for i in wanted}
+        try:
+            for i in range(max(wanted, default=-1) + 1):
+                if not capture.grab():
+                    break
+                if i in wanted:
+                    ok, frame = capture.retrieve()
+                    if ok and frame is not None and frame.ndim == 3:
+                        points = self.keypoints(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                        found[i] = "no face" if points is None else points
+        finally:
+            capture.release()
+        return {i: found.get(i, "truncated video") for i in wanted}
+
+
+class _Original:
+    """One original video: its frame count and its aligned faces, from the keypoints
+    `keypoints(video id, path, indices)` returns (stored by the detection pass)."""
+
+    def __init__(self, video_id: str, path: str, size: int, keypoints):
+        self.video_id, self.path, self.size = video_id, path, size
+        self.keypoints = keypoints
+        self.faces = {}  # index -> (crop, matrix, frame shape) or a skip reason
+        try:
+            self.count = frame_count(path)
+            self.error = None
+        except BadVideo as e:
+            self.count, self.error = 0, str(e)
+
+    def clip(self, index: int) -> int:
+        return min(index, self.count - 1)
+
     def faces_at(self, indices) -> dict:
         need = sorted({i for i in indices if i not in self.faces})
         if need:
+            points = self.keypoints(self.video_id, self.path, need)
+            found = [i for i in need if not isinstance(points[i], str)]
             try:
-                frames = read_frames(self.path, need)
+                frames = read_frames(self.path, found) if found else {}
             except BadVideo as e:
                 frames = {}
                 log.warning("%s: %s", self.path, e)
             for i in need:
-                if i not in frames:
+                if isinstance(points[i], str):
+                    self.faces[i] = points[i]
+                elif i not in frames:
                     self.faces[i] = "truncated video"
-                    continue
-                keypoints = self._keypoints(frames[i])
-                if keypoints is None:
-                    self.faces[i] = "no face"
-                    continue
-                crop, matrix = alignment.align(frames[i], keypoints, self.size)
-                self.faces[i] = (crop, matrix, frames[i].shape)
+                else:
+                    crop, matrix = alignment.align(frames[i], points[i], self.size)
+                    self.faces[i] = (crop, matrix, frames[i].shape)
         return {i: self.faces[i] for i in indices}
 
 
@@ -502,13 +545,11 @@ class FaceForensics(paired_images.ManualBuilder):
                     counters[split].skip(video_id, "missing original video")
         self._record_skips()
 
-        detector = paired_images.face_detector(config.min_face_confidence, config.min_face_size)
+        keypoints = self._detect_faces(root, originals, fakes, pristine)
         self._videos = paired_images.LRU(config.cache_videos)
         self._original = lambda video_id: self._videos.get(
             video_id,
-            lambda: _Original(
-                originals[video_id], detector, config.image_size, config.detect_max_side
-            ),
+            lambda: _Original(video_id, originals[video_id], config.image_size, keypoints),
         )
         generators = {}
         for split in splits.SPLITS:
@@ -520,6 +561,72 @@ class FaceForensics(paired_images.ManualBuilder):
         if not generators:
             raise paired_images.EmptySplitError(f"{self.name}: no usable video in {root!r}")
         return generators
+
+    def _detections_folder(self, root: str) -> str:
+        """Where the keypoints of this manual_dir's videos are kept (detections.Store), named
+        by what they depend on: the videos' folder and the detector's settings."""
+        config = self.builder_config
+        settings = [os.path.abspath(root), config.compression, config.min_face_confidence,
+                    config.min_face_size, config.detect_max_side, alignment.MTCNN_VERSION]
+        digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+        return os.path.join(self.data_dir_root, self.name, ".detections", digest)
+
+    def _detect_faces(self, root: str, originals: dict, fakes: dict, pristine: dict):
+        """Detects, before any example is made, the faces of every original frame the
+        examples will use, on `build_workers` processes, stored as they come (a crashed build
+        resumes without detecting them again; detections.py). Returns the generation's
+        `keypoints(video id, path, indices)`, which reads the store (and detects in this
+        process whatever the plan missed)."""
+        config = self.builder_config
+        k = config.frames_per_video
+        counts = {}
+
+        def count(video_id):
+            if video_id not in counts:
+                try:
+                    counts[video_id] = frame_count(originals[video_id])
+                except BadVideo:
+                    counts[video_id] = 0  # skipped, and counted, when its examples are made
+            return counts[video_id]
+
+        jobs = {}
+
+        def need(video_id, indices):
+            if count(video_id):
+                frames = jobs.setdefault(video_id, (originals[video_id], set()))[1]
+                frames.update(min(i, count(video_id) - 1) for i in indices)
+
+        for split in splits.SPLITS:
+            for fake in fakes[split]:
+                try:
+                    indices = fake_indices(fake.path, k)
+                except BadVideo:
+                    continue  # counted when its examples are made
+                need(fake.target, indices)
+                need(fake.source, indices)
+            for video_id in pristine[split]:
+                need(video_id, evenly_spaced(count(video_id), k))
+        detect = FrameKeypoints(
+            paired_images.face_detector(config.min_face_confidence, config.min_face_size),
+            config.detect_max_side,
+        )
+        store = detections.Store(self._detections_folder(root))
+        done = detections.detect_all(
+            store, jobs, detect, detections.workers_for(self.build_workers)
+        )
+        log.info("%s: faces of %d videos detected, %d read from %s", self.name, done["videos"],
+                 done["reused"], store.folder)  # fmt: skip
+
+        def keypoints(video_id: str, path: str, indices) -> dict:
+            stored = store.get(video_id, path)
+            missing = [i for i in indices if i not in stored]
+            if missing:
+                found = detect(path, missing)
+                store.put(video_id, path, found)
+                stored.update(found)
+            return stored
+
+        return keypoints
 
     def _read_fake(self, fake: _Fake):
         """Everything a fake's examples need from its videos, decoded and detected: (target,

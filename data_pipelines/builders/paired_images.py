@@ -403,6 +403,10 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # The manual_dir `datasets.get_builder` was given: what source_fingerprint reads, so that
     # `datasets.prepare` rebuilds when the downloaded tree changes (as lfw_swap's folder).
     manual_dir: str | None = None
+    # Processes that detect faces (faceforensics; detections.py): 1 = this process only, 0 =
+    # one per core. Not a builder option: it does not change the data. config.data.build_workers
+    # (default 0) sets it through `datasets.get_builder`.
+    build_workers: int = 1
 
     def source_fingerprint(self) -> str | None:
         """The manual_dir's listing fingerprint (splits.tree_fingerprint); None without one."""
@@ -464,11 +468,11 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yielded = 0
         def written(items):
             nonlocal yielded
-            for item in items:
+            for key, example in items:
                 yielded += 1
-                if item[1]["label"]:
-                    self._mask_sources[split][item[1]["mask_source"]] += 1
-                yield item
+                if example["label"]:
+                    self._mask_sources[split][example["mask_source"]] += 1
+                yield key, features.encode_pngs(example, self.builder_config.image_size)
 
         for key, parts in parts_iter:
             yield from written(annotator.add(key, parts))
