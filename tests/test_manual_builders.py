@@ -10,13 +10,14 @@ import glob
 import json
 import logging
 import os
+import threading
 
 import cv2
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import alignment, detections, features, skips, splits
+from data_pipelines import alignment, detections, features, skips, splits, threads
 from data_pipelines.builders import celeba_megafs, faceforensics, ffhq_e4s, paired_images
 from tests import fixtures_manual
 
@@ -406,13 +407,14 @@ def test_a_changed_manual_dir_is_rebuilt(tmp_path):
     assert len(glob.glob(f"{first.data_dir}.stale-*")) == 1
 
 
-def test_videos_are_read_one_ahead_on_one_worker_thread_in_order():
-    import threading
+def test_ordered_map_works_ahead_on_threads_and_keeps_the_order():
+    """One worker, one ahead (how faceforensics reads its videos): b is read while a is
+    consumed; two workers: results still in order; errors at their item's turn."""
 
-    threads, started, b_started = set(), [], threading.Event()
+    names, started, b_started = set(), [], threading.Event()
 
     def read(item):
-        threads.add(threading.current_thread().name)
+        names.add(threading.current_thread().name)
         started.append(item)
         if item == "b":
             b_started.set()
@@ -421,16 +423,20 @@ def test_videos_are_read_one_ahead_on_one_worker_thread_in_order():
         return item.upper()
 
     consumed = []
-    for item, result in faceforensics._one_ahead(read, ["a", "b", "c"]):
+    for item, result in threads.ordered_map(read, ["a", "b", "c"], workers=1, ahead=1):
         assert result == item.upper()
         consumed.append(item)
         if item == "a":  # b is read while a is consumed (the generator waits at its yield)
             assert b_started.wait(timeout=10)
     assert consumed == ["a", "b", "c"] and started == ["a", "b", "c"]
-    assert len(threads) == 1 and threading.current_thread().name not in threads
-    assert list(faceforensics._one_ahead(read, [])) == []
+    assert len(names) == 1 and threading.current_thread().name not in names
+    assert list(threads.ordered_map(read, [], workers=1, ahead=1)) == []
     with pytest.raises(ValueError, match="unreadable"):
-        list(faceforensics._one_ahead(read, ["a", "bad", "c"]))
+        list(threads.ordered_map(read, ["a", "bad", "c"], workers=1, ahead=1))
+    items = [f"x{i}" for i in range(50)]
+    assert list(threads.ordered_map(str.upper, items, workers=2)) == [
+        (i, i.upper()) for i in items
+    ]
 
 
 def test_merge_people_moves_each_person_to_their_most_held_out_split():

@@ -69,7 +69,6 @@ truncated videos; files outside the official splits or with unparseable names ar
 under "unsplit".
 """
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -81,7 +80,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import alignment, detections, skips, splits
+from data_pipelines import alignment, detections, skips, splits, threads
 from data_pipelines.builders import paired_images
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
@@ -389,22 +388,6 @@ class _Skip:
     reason: str
 
 
-def _one_ahead(read, items):
-    """(item, read(item)) in order, each read started on a worker thread while the previous
-    item is consumed: video decoding and face detection (OpenCV and TensorFlow, which release
-    the GIL) overlap the example encoding on a second core. Only the worker calls `read`."""
-    items = iter(items)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ff_read") as pool:
-        item = next(items, None)
-        pending = pool.submit(read, item) if item is not None else None
-        while pending is not None:
-            following = next(items, None)
-            result = pending.result()
-            pending = pool.submit(read, following) if following is not None else None
-            yield item, result
-            item = following
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -632,7 +615,8 @@ class FaceForensics(paired_images.ManualBuilder):
         """Everything a fake's examples need from its videos, decoded and detected: (target,
         source, frame indices, fake frames, why frames are missing, mask frames, target faces,
         source faces), or a
-        _Skip. Runs one fake ahead of the example writing (`_one_ahead`), on its own thread."""
+        _Skip. Runs one fake ahead of the example writing, on its own thread (one: fakes in a row
+        share their target video, whose faces `_Original` keeps)."""
         config = self.builder_config
         target = self._original(fake.target)
         source = self._original(fake.source)
@@ -661,7 +645,7 @@ class FaceForensics(paired_images.ManualBuilder):
         config = self.builder_config
         size = config.image_size
         counter = self._counters[split]
-        for fake, read in _one_ahead(self._read_fake, plan):
+        for fake, read in threads.ordered_map(self._read_fake, plan, workers=1, ahead=1):
             if isinstance(read, _Skip):
                 counter.skip(read.item, read.reason)
                 continue

@@ -19,19 +19,21 @@ except in the dropped specks; an empty result (a "swap" identical to its target)
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import re
+import threading
 
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import alignment, features, landmarks, skips, splits
+from data_pipelines import alignment, features, landmarks, skips, splits, threads
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 log = logging.getLogger(__name__)
@@ -148,15 +150,18 @@ class LRU:
     def __init__(self, capacity: int):
         self.capacity = max(int(capacity), 1)
         self._data = collections.OrderedDict()
+        self._lock = threading.Lock()  # builders' worker threads share it (threads.py)
 
     def get(self, key, make):
-        if key in self._data:
-            self._data.move_to_end(key)
-            return self._data[key]
-        value = make()
-        self._data[key] = value
-        if len(self._data) > self.capacity:
-            self._data.popitem(last=False)
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = make()  # unlocked: two threads may make one key, with the same result
+        with self._lock:
+            self._data[key] = value
+            if len(self._data) > self.capacity:
+                self._data.popitem(last=False)
         return value
 
 
@@ -466,17 +471,24 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             landmark_detector(self.builder_config.landmark_batch), self.builder_config.image_size
         )
         yielded = 0
-        def written(items):
-            nonlocal yielded
-            for key, example in items:
-                yielded += 1
-                if example["label"]:
-                    self._mask_sources[split][example["mask_source"]] += 1
-                yield key, features.encode_pngs(example, self.builder_config.image_size)
+        size = self.builder_config.image_size
 
-        for key, parts in parts_iter:
-            yield from written(annotator.add(key, parts))
-        yield from written(annotator.flush())
+        def encode(item):
+            return item[0], features.encode_pngs(item[1], size)
+
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="png") as pool:
+
+            def written(items):
+                nonlocal yielded
+                for key, example in items:
+                    yielded += 1
+                    if example["label"]:
+                        self._mask_sources[split][example["mask_source"]] += 1
+                yield from pool.map(encode, items)  # OpenCV releases the GIL: both cores
+
+            for key, parts in parts_iter:
+                yield from written(annotator.add(key, parts))
+            yield from written(annotator.flush())
         self._finish_split(split, yielded)
 
 
@@ -675,46 +687,39 @@ class PairedImageBuilder(ManualBuilder, skip_registration=True):
     def _generate_examples(self, split: str, plan: list, targets: list):
         return self._annotated(split, self._parts(split, plan, targets))
 
-    def _parts(self, split: str, plan: list, targets: list):
+    def _swap_parts(self, swap: _Swap) -> dict | str:
+        """A swap's forgery parts, or why it cannot be used (on a worker thread: threads.py)."""
         config = self.builder_config
+        try:
+            fake = skips.read_rgb8(swap.path)
+        except skips.BadImage as e:
+            return str(e)
+        fake = resize_square(fake, config.image_size)
+        if fake is None:
+            return "not square"
+        target = self._original(swap.target)
+        if isinstance(target, str):
+            return f"target original: {target}"
+        source = self._original(swap.source)
+        if isinstance(source, str):
+            return f"source original: {source}"
+        mask = derive_mask_with(config, fake, target)
+        reason = implausible_mask(mask, config.max_mask_fraction)
+        if reason is not None:
+            return reason if mask.any() else "empty mask (swap equals its target)"
+        source_id, target_id = self._identity(swap.source), self._identity(swap.target)
+        return forgery_parts(fake, source, target, mask, swap.method, source_id, target_id,
+                             "derived")  # fmt: skip
+
+    def _parts(self, split: str, plan: list, targets: list):
         counter = self._counters[split]
-        for swap in plan:
-            rel = swap.path
-            fake = skips.try_read_rgb8(swap.path, counter)
-            if fake is None:
+        # Two threads decode, resize and mask while this one annotates and writes.
+        for swap, parts in threads.ordered_map(self._swap_parts, plan, workers=2):
+            if isinstance(parts, str):
+                counter.skip(swap.path, parts)
                 continue
-            fake = resize_square(fake, config.image_size)
-            if fake is None:
-                counter.skip(rel, "not square")
-                continue
-            target = self._original(swap.target)
-            if isinstance(target, str):
-                counter.skip(rel, f"target original: {target}")
-                continue
-            source = self._original(swap.source)
-            if isinstance(source, str):
-                counter.skip(rel, f"source original: {source}")
-                continue
-            mask = derive_mask_with(config, fake, target)
-            reason = implausible_mask(mask, config.max_mask_fraction)
-            if reason is not None:
-                counter.skip(rel, reason if mask.any() else "empty mask (swap equals its target)")
-                continue
-            yield (
-                swap.key,
-                forgery_parts(
-                    fake,
-                    source,
-                    target,
-                    mask,
-                    swap.method,
-                    self._identity(swap.source),
-                    self._identity(swap.target),
-                    "derived",
-                ),
-            )
-        for key in targets:
-            image = self._original(key)
+            yield swap.key, parts
+        for key, image in threads.ordered_map(self._original, targets, workers=2):
             if isinstance(image, str):
                 counter.skip(self._originals[key], image)
                 continue
