@@ -352,9 +352,9 @@ def test_faceforensics_reads_lcr_swaps_as_frame_folders(tmp_path):
     """LCR (not in the FF++ download) as frame images named by their target-video index:
     the frames are the target video's at those indices (the crops equal the pristine ones),
     a frame that is not an image is counted, and a pair given both ways is read from its video."""
-    fixtures_manual.write_faceforensics(str(tmp_path / "manual"), lcr=True)
-    config = faceforensics.make_config(
-        methods=("LCR",), frames_per_video=3, landmark_batch=LANDMARK_BATCH
+    fixtures_manual.write_faceforensics(str(tmp_path / "manual"), compression="c40", lcr=True)
+    config = faceforensics.make_config(  # the c40 tree (`-c c40` of the download script)
+        compression="c40", methods=("LCR",), frames_per_video=3, landmark_batch=LANDMARK_BATCH
     )
     builder = prepare(faceforensics.FaceForensics, config, tmp_path / "tfds", tmp_path / "manual")
     data = load(builder)
