@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import alignment, detections, features, skips, splits, threads
+from data_pipelines import alignment, detections, features, resume, skips, splits, threads
 from data_pipelines.builders import celeba_megafs, faceforensics, ffhq_e4s, paired_images
 from tests import fixtures_manual
 
@@ -567,11 +567,13 @@ def test_faceforensics_detects_faces_on_worker_processes_with_the_same_result(ff
     assert sorted(os.path.basename(p) for p in stored) == [f"00{i}.json" for i in range(5)]
 
 
-def test_a_crashed_faceforensics_build_resumes_without_detecting_again(ff, tmp_path,
-                                                                        monkeypatch):  # fmt: skip
-    """The build dies while writing the validation split; the next run reads every face's
-    keypoints from the store (detection is made to fail) and gives the fixture's examples."""
-    _, data, _, config, root = ff
+def test_a_crashed_faceforensics_build_resumes_without_detecting_again(
+    ff, tmp_path, monkeypatch, caplog
+):
+    """The build dies while writing the validation split; the next run links the train split
+    it had finished (data_pipelines/resume.py), reads every face's keypoints from the store
+    (detection is made to fail) and gives the fixture's examples and skip counts."""
+    builder, data, info, config, root = ff
     read_fake = faceforensics.FaceForensics._read_fake
 
     def crash_in_validation(self, fake):
@@ -588,8 +590,19 @@ def test_a_crashed_faceforensics_build_resumes_without_detecting_again(ff, tmp_p
         raise AssertionError("a face was detected again")
 
     monkeypatch.setattr(alignment.FaceDetector, "detect", detect)
-    again = prepare(faceforensics.FaceForensics, config, tmp_path, root / "manual")
+    kept = tmp_path / "faceforensics" / ".splits" / config.name
+    assert sorted(os.listdir(next(kept.iterdir()))) == ["train"]  # what the dead build finished
+    generated = []
+    monkeypatch.setattr(faceforensics.FaceForensics, "_read_fake",
+                        lambda self, fake: generated.append(fake.target) or read_fake(self, fake))
+    with caplog.at_level(logging.INFO, logger="data_pipelines.builders.paired_images"):
+        again = prepare(faceforensics.FaceForensics, config, tmp_path, root / "manual")
+    assert "faceforensics/train: 12 examples kept from an earlier build" in caplog.text
+    assert generated == ["002", "003"]  # validation's fakes; train's (000, 001) not made again
     assert_same_examples(load(again), data)
+    assert again.skip_summary() == info["skips"]
+    assert again.info.metadata["mask_source"] == builder.info.metadata["mask_source"]
+    assert not kept.exists()  # removed once the build succeeded
 
 
 def test_stored_detections_follow_their_video(tmp_path):
@@ -611,3 +624,31 @@ def test_stored_detections_follow_their_video(tmp_path):
     (tmp_path / "store" / "000.json").write_text('{"video": [1')  # a crash mid-write
     assert store.get("000", str(video)) == {}
     assert detections.workers_for(3) == 3 and detections.workers_for(0) >= 1
+
+
+def test_kept_splits_are_reused_only_from_the_same_inputs(tmp_path):
+    """resume.keep links a written split's files aside; restore links them to the new build's
+    paths when the fingerprint matches, and refuses another input tree or a half-kept split."""
+    written = []
+    for i in range(2):
+        path = tmp_path / "build" / f"x-train.tfrecord-0000{i}-of-00002"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"shard %d" % i)
+        written.append(str(path))
+    folder = str(tmp_path / ".splits" / "cfg" / "1.0.0" / "train")
+    resume.keep(folder, written, {"fingerprint": ["tree", None], "shard_lengths": [3, 4]})
+    new = tmp_path / "new"
+    new.mkdir()
+
+    def paths(n):
+        return [str(new / f"x-train.tfrecord-0000{i}-of-0000{n}") for i in range(n)]
+
+    assert resume.restore(folder, ["another tree", None], paths) is None
+    assert not list(new.iterdir())  # nothing linked
+    state = resume.restore(folder, ["tree", None], paths)
+    assert state["shard_lengths"] == [3, 4]
+    assert [open(p, "rb").read() for p in paths(2)] == [b"shard 0", b"shard 1"]
+    os.remove(os.path.join(folder, resume.STATE))  # killed before the state was written
+    assert resume.restore(folder, ["tree", None], paths) is None
+    resume.discard(os.path.dirname(folder))
+    assert not (tmp_path / ".splits").exists()

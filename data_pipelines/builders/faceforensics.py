@@ -37,7 +37,8 @@ The split json files live in that repository, not in the download: copy them to 
 Faces are detected first, for every original frame the examples will use, on
 `build_workers` processes (config.data.build_workers, 0 = one per core), and stored as each
 video finishes under `<data_dir>/faceforensics/.detections/` (data_pipelines/detections.py):
-a build that crashes or is killed later resumes without detecting them again.
+a build that crashes or is killed later resumes without detecting them again, and with the
+splits it had finished (every manual_dir builder keeps them: data_pipelines/resume.py).
 
 Per example (`frames_per_video` frames per video, evenly spaced: round(linspace(0, n-1, k))):
 - the face is detected (MTCNN, `alignment.FaceDetector`) on the TARGET's original frame with

@@ -32,8 +32,10 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+from tensorflow_datasets.core import split_builder as split_builder_lib
+from tensorflow_datasets.core import splits as splits_lib
 
-from data_pipelines import alignment, features, landmarks, skips, splits, threads
+from data_pipelines import alignment, features, landmarks, resume, skips, splits, threads
 from dfrec_jax import host_tf  # noqa: F401  (TensorFlow kept off the accelerators)
 
 log = logging.getLogger(__name__)
@@ -434,6 +436,65 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         root = splits.require_dir(str(path) if path else "", self.name, self.LAYOUT)
         self.info.metadata["source_fingerprint"] = splits.tree_fingerprint(root)
         return root
+
+    def _resume_folder(self, split: str) -> str:
+        """Where a finished split is kept until the build succeeds (data_pipelines/resume.py)."""
+        config = self.builder_config.name
+        return os.path.join(self.data_dir_root, self.name, ".splits", config,
+                            str(self.version), split)  # fmt: skip
+
+    def _generate_splits(self, dl_manager, download_config):
+        """tfds' split generation, one split at a time, each kept as soon as it is written and
+        reused by the next build when this one dies later (data_pipelines/resume.py). The
+        planning (`_split_generators`) runs every time: skip counts and metadata stay whole."""
+        writer = split_builder_lib.SplitBuilder(
+            split_dict=self.info.splits,
+            features=self.info.features,
+            dataset_size=self.info.dataset_size,
+            max_examples_per_split=download_config.max_examples_per_split,
+            beam_options=None,  # these builders are plain generators
+            beam_runner=None,
+            shard_config=download_config.get_shard_config(),
+            example_writer=self._example_writer(),
+            ignore_duplicates=download_config.ignore_duplicates,
+        )
+        generators = self._split_generators(dl_manager)
+        fingerprint = [self.info.metadata.get("source_fingerprint"),
+                       download_config.max_examples_per_split]  # fmt: skip
+        infos = []
+        for split, generator in generators.items():
+            template = self._get_filename_template(split)
+            folder = self._resume_folder(split)
+            kept = resume.restore(folder, fingerprint, lambda n, template=template: [
+                str(p) for p in template.sharded_filepaths(n)])  # fmt: skip
+            if kept is not None:
+                self._counters[split].by_reason = collections.Counter(kept["skipped"])
+                self._mask_sources[split] = collections.Counter(kept["mask_source"])
+                self._record_skips()
+                log.info("%s/%s: %d examples kept from an earlier build that did not finish",
+                         self.name, split, sum(kept["shard_lengths"]))  # fmt: skip
+                info = splits_lib.SplitInfo(name=split, shard_lengths=kept["shard_lengths"],
+                                            num_bytes=kept["num_bytes"],
+                                            filename_template=template)  # fmt: skip
+            else:
+                info = writer.submit_split_generation(
+                    split_name=split,
+                    generator=generator,
+                    filename_template=template,
+                    disable_shuffling=self.info.disable_shuffling,
+                    nondeterministic_order=download_config.nondeterministic_order,
+                ).result()
+                files = [str(p) for p in template.sharded_filepaths(len(info.shard_lengths))]
+                resume.keep(folder, files, {
+                    "fingerprint": fingerprint,
+                    "shard_lengths": list(info.shard_lengths),
+                    "num_bytes": int(info.num_bytes),
+                    "skipped": self._counters[split].summary(),
+                    "mask_source": dict(self._mask_sources[split]),
+                })  # fmt: skip
+            infos.append(info)
+        resume.discard(os.path.dirname(self._resume_folder("train")))
+        return infos
 
     def _new_counters(self) -> dict[str, skips.SkipCounter]:
         counters = {s: skips.SkipCounter(f"{self.name}/{s}") for s in splits.SPLITS}
