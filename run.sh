@@ -76,8 +76,10 @@ case "${1:-main}" in
     shift
     # Test files spread over DFREC_TEST_WORKERS processes (default 2; 0 = one process, which
     # `-s` needs), each file whole on one worker so its module fixtures are built once. Most
-    # of the suite is XLA compiling tiny models, one core per compile.
-    exec "$PY" -m pytest -n "${DFREC_TEST_WORKERS:-2}" --dist loadfile "$@"
+    # of the suite is XLA compiling tiny models, one core per compile. Files are handed out
+    # longest first (tests/conftest.py orders them; xdist's own reorder, by test count,
+    # would leave the few-test, minute-long files to the end, on one worker).
+    exec "$PY" -m pytest -n "${DFREC_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
     ;;
   main)
     # Build the demo dataset (lfw_swap from the LFW folder; reused once built), train the demo

@@ -62,9 +62,6 @@ def _check_rgb8(image, what: str = "image") -> np.ndarray:
     return image
 
 
-MTCNN_VERSION = "1.0.0"  # requirements.txt's pin; names the stored detections (detections.py)
-
-
 class FaceDetector:
     """MTCNN (PyPI mtcnn==1.0.0, TensorFlow on CPU) faces with 5 keypoints each.
 

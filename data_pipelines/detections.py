@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 import time
 
 import numpy as np
@@ -60,7 +61,7 @@ class Store:
         merged = {**self.get(video_id, path), **found}
         frames = {str(i): v if isinstance(v, str) else np.asarray(v, np.float32).tolist()
                   for i, v in sorted(merged.items())}  # fmt: skip
-        tmp = f"{self._file(video_id)}.tmp-{os.getpid()}"
+        tmp = f"{self._file(video_id)}.tmp-{os.getpid()}-{threading.get_ident()}"
         with open(tmp, "w") as f:
             json.dump({"video": _signature(path), "frames": frames}, f)
         os.replace(tmp, self._file(video_id))
@@ -105,11 +106,18 @@ def detect_all(store: Store, jobs: dict, detect, workers: int) -> dict[str, int]
         with concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=context, initializer=_start_worker, initargs=(detect,)
         ) as pool:
-            done = (f.result() for f in concurrent.futures.as_completed(
-                [pool.submit(_run_job, job) for job in todo]))  # fmt: skip
-            for n, (video_id, path, found) in enumerate(done, 1):
+            futures = [pool.submit(_run_job, job) for job in todo]
+            error = None
+            for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                try:
+                    video_id, path, found = future.result()
+                except Exception as e:  # the other videos' faces are still stored
+                    error = error or e
+                    continue
                 store.put(video_id, path, found)
                 _progress(n, len(todo), start)
+            if error is not None:
+                raise error
     else:
         for n, (video_id, path, missing) in enumerate(todo, 1):
             store.put(video_id, path, detect(path, missing))

@@ -39,7 +39,8 @@ def keep(folder: str, files: list[str], state: dict) -> None:
         _link(path, os.path.join(folder, os.path.basename(path)))
     tmp = os.path.join(folder, f"{STATE}.tmp")
     with open(tmp, "w") as f:
-        json.dump({**state, "files": [os.path.basename(p) for p in files]}, f)
+        json.dump({**state, "files": [os.path.basename(p) for p in files],
+                   "sizes": [os.path.getsize(p) for p in files]}, f)  # fmt: skip
     os.replace(tmp, os.path.join(folder, STATE))
 
 
@@ -53,7 +54,8 @@ def restore(folder: str, fingerprint, paths) -> dict | None:
     except (OSError, ValueError):
         return None
     kept = [os.path.join(folder, name) for name in state.get("files", [])]
-    if state.get("fingerprint") != fingerprint or not all(os.path.isfile(p) for p in kept):
+    sizes = [os.path.getsize(p) if os.path.isfile(p) else -1 for p in kept]
+    if state.get("fingerprint") != fingerprint or sizes != state.get("sizes"):
         log.info("%s: kept split not reused (another input tree, or files missing)", folder)
         return None
     files = paths(len(kept))

@@ -284,8 +284,9 @@ def write_faceforensics(root: str, compression: str = "c23", lcr: bool = False) 
     """Originals 000-004 (005 listed in the splits but absent), Deepfakes 000_001 (with a mask
     video) and 001_000, FaceSwap 002_003 and 004_005 (source missing), a corrupt Deepfakes
     003_002, a file outside the splits, and the three split jsons. `lcr`: also LCR swaps as
-    frame folders (the builder's docstring) 000_001 (frame 4 not an image) and 001_000 (all 10
-    frames as PNG), 002_003 as a video and as a frame folder (read from the video)."""
+    frame folders (the builder's docstring) 000_001 (frame 9 not an image) and 001_000
+    (frames 0-9 and a frame 18 the 10-frame target video lacks), 002_003 as a video and as a
+    frame folder (read from the video)."""
     lfw = lfw_people()
     people = sorted(lfw)[10:15]
     faces = {f"{i:03d}": skips.read_rgb8(lfw[p][0]) for i, p in enumerate(people)}
@@ -336,8 +337,10 @@ def write_faceforensics(root: str, compression: str = "c23", lcr: bool = False) 
                        for i in range(FRAMES)]  # fmt: skip
             for i, frame in enumerate(swapped):
                 write_png(os.path.join(lcr_dir, "frames", f"{t}_{s}", f"{i:04d}.png"), frame)
-        with open(os.path.join(lcr_dir, "frames", "000_001", "0004.png"), "wb") as f:
+        with open(os.path.join(lcr_dir, "frames", "000_001", "0009.png"), "wb") as f:
             f.write(b"not a png")
+        # A frame the 10-frame target video does not have.
+        write_png(os.path.join(lcr_dir, "frames", "001_000", "0018.png"), swapped[0])
         write_video(os.path.join(lcr_dir, "videos", "002_003.mp4"), fake("002", "003"))
 
     split_pairs = {"train": [["000", "001"]], "val": [["002", "003"]], "test": [["004", "005"]]}

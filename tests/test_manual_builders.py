@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -354,18 +355,20 @@ def test_faceforensics_reads_lcr_swaps_as_frame_folders(tmp_path):
     a frame that is not an image is counted, and a pair given both ways is read from its video."""
     fixtures_manual.write_faceforensics(str(tmp_path / "manual"), compression="c40", lcr=True)
     config = faceforensics.make_config(  # the c40 tree (`-c c40` of the download script)
-        compression="c40", methods=("LCR",), frames_per_video=3, landmark_batch=LANDMARK_BATCH
+        compression="c40", methods=("LCR",), frames_per_video=2, landmark_batch=LANDMARK_BATCH
     )
     builder = prepare(faceforensics.FaceForensics, config, tmp_path / "tfds", tmp_path / "manual")
     data = load(builder)
     fakes = {s: sorted((e["target_id"], e["source_id"]) for e in x if e["label"])
              for s, x in data.items()}  # fmt: skip
-    # frames 0, 4, 9 of each pair; 000_001's frame 4 is not an image.
-    assert fakes == {"train": [(b"000", b"001")] * 2 + [(b"001", b"000")] * 3,
-                     "validation": [(b"002", b"003")] * 3, "test": []}  # fmt: skip
+    # Frames 0 and 9 of 000_001 (9 is not an image) and the video 002_003; 0 and 18 of
+    # 001_000 (the target video has no frame 18).
+    assert fakes == {"train": [(b"000", b"001"), (b"001", b"000")],
+                     "validation": [(b"002", b"003")] * 2, "test": []}  # fmt: skip
     assert builder.info.metadata["methods"] == ["LCR"]
     skipped = builder.skip_summary()
-    assert skipped["train"] == {"frame image: not an image": 1}
+    assert skipped["train"] == {"frame image: not an image": 1,
+                                "frame index past the target video": 1}  # fmt: skip
     assert skipped["unsplit"] == {"pair also given as a video": 1}
     truth = fixtures_manual.face_ellipse(224)
     for examples in data.values():
@@ -375,7 +378,7 @@ def test_faceforensics_reads_lcr_swaps_as_frame_folders(tmp_path):
             assert ex["method"] == b"LCR"
             assert same_image_in(ex["target"], pristine)
             assert iou(ex["mask"], truth) > 0.85  # derived: LCR ships no masks
-    assert builder.info.metadata["mask_source"]["train"] == {"derived": 5}
+    assert builder.info.metadata["mask_source"]["train"] == {"derived": 2}
     with pytest.raises(ValueError, match="LCR"):
         faceforensics.make_config(methods=("LRC",))
 
@@ -433,9 +436,12 @@ def test_ordered_map_works_ahead_on_threads_and_keeps_the_order():
     assert list(threads.ordered_map(read, [], workers=1, ahead=1)) == []
     with pytest.raises(ValueError, match="unreadable"):
         list(threads.ordered_map(read, ["a", "bad", "c"], workers=1, ahead=1))
-    items = [f"x{i}" for i in range(50)]
-    assert list(threads.ordered_map(str.upper, items, workers=2)) == [
-        (i, i.upper()) for i in items
+    def slow_first(i):  # later items finish first: the order must come from the map
+        time.sleep(0.02 * (10 - i % 10))
+        return -i
+
+    assert list(threads.ordered_map(slow_first, range(20), workers=4)) == [
+        (i, -i) for i in range(20)
     ]
 
 

@@ -22,7 +22,7 @@ LCR (MegaFS's swapper, the paper's third FF++ row) is not part of the FF++ downl
 read when asked for (`methods=("LCR",)` or `dataset=faceforensics,method=LCR`) from
 `manipulated_sequences/LCR/<c>/`, either as videos named like the others or as frame images,
 `frames/TTT_SSS/NNNN.png` (or .jpg): target video TTT's frame NNNN (its index in the original
-video, e.g. from `ffmpeg -i TTT.mp4 %04d.png` renumbered from 0) with source SSS's face swapped
+video, from 0: e.g. `ffmpeg -i TTT.mp4 -start_number 0 %04d.png`) with source SSS's face swapped
 in by MegaFS LCR. Any method's folder may hold frame folders; a pair present as both a video
 and a frame folder is read from the video.
 Compression (config `compression`): raw | c23 | c40, the download script's folder names
@@ -72,6 +72,7 @@ under "unsplit".
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -551,7 +552,8 @@ class FaceForensics(paired_images.ManualBuilder):
         by what they depend on: the videos' folder and the detector's settings."""
         config = self.builder_config
         settings = [os.path.abspath(root), config.compression, config.min_face_confidence,
-                    config.min_face_size, config.detect_max_side, alignment.MTCNN_VERSION]
+                    config.min_face_size, config.detect_max_side,
+                    importlib.metadata.version("mtcnn")]  # fmt: skip
         digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
         return os.path.join(self.data_dir_root, self.name, ".detections", digest)
 
@@ -651,8 +653,12 @@ class FaceForensics(paired_images.ManualBuilder):
                 counter.skip(read.item, read.reason)
                 continue
             target, source, indices, frames, missing, masks, targets, sources = read
+            frame_folder = os.path.isdir(fake.path)
             for i in indices:
                 item = f"{fake.path}#{i}"
+                if frame_folder and i >= target.count:  # a frame image names a frame the
+                    counter.skip(item, "frame index past the target video")  # video lacks
+                    continue
                 entry = targets[target.clip(i)]
                 if i not in frames:
                     counter.skip(item, missing.get(i, "truncated video"))

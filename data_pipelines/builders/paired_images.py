@@ -459,8 +459,14 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             ignore_duplicates=download_config.ignore_duplicates,
         )
         generators = self._split_generators(dl_manager)
-        fingerprint = [self.info.metadata.get("source_fingerprint"),
-                       download_config.max_examples_per_split]  # fmt: skip
+        # What a kept split must have been built from: the input tree, every config value
+        # (defaults included), the file format, and any cap on the examples.
+        fingerprint = [
+            self.info.metadata.get("source_fingerprint"),
+            repr(self.builder_config),
+            str(self.info.file_format),
+            download_config.max_examples_per_split,
+        ]
         infos = []
         for split, generator in generators.items():
             template = self._get_filename_template(split)
@@ -493,8 +499,13 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "mask_source": dict(self._mask_sources[split]),
                 })  # fmt: skip
             infos.append(info)
-        resume.discard(os.path.dirname(self._resume_folder("train")))
         return infos
+
+    def download_and_prepare(self, *args, **kwargs):
+        super().download_and_prepare(*args, **kwargs)
+        # Only now is the build in place (tfds writes its info and renames the folder after
+        # the splits): the kept splits can go.
+        resume.discard(os.path.dirname(self._resume_folder("train")))
 
     def _new_counters(self) -> dict[str, skips.SkipCounter]:
         counters = {s: skips.SkipCounter(f"{self.name}/{s}") for s in splits.SPLITS}
@@ -541,11 +552,12 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
             def written(items):
                 nonlocal yielded
-                for key, example in items:
+                # OpenCV releases the GIL: both cores. Counted as yielded (tfds may stop early).
+                for key, example in pool.map(encode, items):
                     yielded += 1
                     if example["label"]:
                         self._mask_sources[split][example["mask_source"]] += 1
-                yield from pool.map(encode, items)  # OpenCV releases the GIL: both cores
+                    yield key, example
 
             for key, parts in parts_iter:
                 yield from written(annotator.add(key, parts))
