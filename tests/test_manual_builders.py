@@ -558,27 +558,14 @@ def assert_same_examples(a: dict, b: dict) -> None:
                 np.testing.assert_array_equal(x[name], y[name])
 
 
-def test_faceforensics_detects_faces_on_worker_processes_with_the_same_result(ff, tmp_path,
-                                                                              caplog):  # fmt: skip
-    builder, data, _, config, root = ff
-    again = faceforensics.FaceForensics(data_dir=str(tmp_path), config=config)
-    again.build_workers = 2
-    with caplog.at_level(logging.INFO, logger="data_pipelines.detections"):
-        again.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(root / "manual"))
-        )
-    assert "detecting faces in 5 videos (0 already stored) on 2 process(es)" in caplog.text
-    assert_same_examples(load(again), data)
-    stored = glob.glob(str(tmp_path / "faceforensics" / ".detections" / "*" / "*.json"))
-    assert sorted(os.path.basename(p) for p in stored) == [f"00{i}.json" for i in range(5)]
-
-
 def test_a_crashed_faceforensics_build_resumes_without_detecting_again(
     ff, tmp_path, monkeypatch, caplog
 ):
-    """The build dies while writing the validation split; the next run links the train split
-    it had finished (data_pipelines/resume.py), reads every face's keypoints from the store
-    (detection is made to fail) and gives the fixture's examples and skip counts."""
+    """A build detecting its faces on 2 worker processes dies while writing the validation
+    split; the next run, in this process, links the train split the dead one had finished
+    (data_pipelines/resume.py), reads every face's keypoints from the store (detection is
+    made to fail) and gives the fixture's examples and skip counts: so the workers' keypoints
+    equal those detected in-process (the fixture's build), field for field."""
     builder, data, info, config, root = ff
     read_fake = faceforensics.FaceForensics._read_fake
 
@@ -588,9 +575,15 @@ def test_a_crashed_faceforensics_build_resumes_without_detecting_again(
         return read_fake(self, fake)
 
     monkeypatch.setattr(faceforensics.FaceForensics, "_read_fake", crash_in_validation)
-    with pytest.raises(RuntimeError, match="killed"):
-        prepare(faceforensics.FaceForensics, config, tmp_path, root / "manual")
+    monkeypatch.setattr(faceforensics.FaceForensics, "build_workers", 2)
+    with caplog.at_level(logging.INFO, logger="data_pipelines.detections"):
+        with pytest.raises(RuntimeError, match="killed"):
+            prepare(faceforensics.FaceForensics, config, tmp_path, root / "manual")
+    assert "detecting faces in 5 videos (0 already stored) on 2 process(es)" in caplog.text
+    stored = glob.glob(str(tmp_path / "faceforensics" / ".detections" / "*" / "*.json"))
+    assert sorted(os.path.basename(p) for p in stored) == [f"00{i}.json" for i in range(5)]
     monkeypatch.setattr(faceforensics.FaceForensics, "_read_fake", read_fake)
+    monkeypatch.setattr(faceforensics.FaceForensics, "build_workers", 1)
 
     def detect(*args, **kwargs):
         raise AssertionError("a face was detected again")
