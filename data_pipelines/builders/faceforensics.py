@@ -231,12 +231,12 @@ def frame_count(path: str) -> int:
     return count
 
 
-def read_frames(path: str, indices) -> dict[int, np.ndarray]:
-    """{index: uint8 RGB frame} for the requested indices that decode (sequential read)."""
-    wanted = set(int(i) for i in indices)
-    frames = {}
+def decoded_frames(path: str, wanted: set):
+    """(index, uint8 RGB frame) of the `wanted` indices that decode, in order, one frame at a
+    time (a sequential read: grabbing is cheaper than seeking); BadVideo if the file cannot
+    be opened (raised at the first frame asked for)."""
     if not wanted:
-        return frames
+        return
     capture = _open(path)
     try:
         for i in range(max(wanted) + 1):
@@ -245,10 +245,16 @@ def read_frames(path: str, indices) -> dict[int, np.ndarray]:
             if i in wanted:
                 ok, frame = capture.retrieve()
                 if ok and frame is not None and frame.ndim == 3:
-                    frames[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                    yield i, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
     finally:
         capture.release()
-    if not frames:
+
+
+def read_frames(path: str, indices) -> dict[int, np.ndarray]:
+    """{index: uint8 RGB frame} for the requested indices that decode (sequential read)."""
+    wanted = set(int(i) for i in indices)
+    frames = dict(decoded_frames(path, wanted))
+    if wanted and not frames:
         raise BadVideo("unreadable video")
     return frames
 
@@ -272,17 +278,22 @@ def fake_indices(path: str, k: int) -> list[int]:
     `path` is a video, or a folder of frame images named by that index (module docstring)."""
     if not os.path.isdir(path):
         return evenly_spaced(frame_count(path), k)
-    available = list(frame_files(path))
+    return _chosen_files(frame_files(path), k)
+
+
+def _chosen_files(files: dict, k: int) -> list[int]:
+    available = list(files)
     return [available[j] for j in evenly_spaced(len(available), k)]
 
 
 def fake_frames(path: str, k: int) -> tuple[list[int], dict[int, np.ndarray], dict[int, str]]:
     """A fake's `fake_indices`, its frames there ({index: uint8 RGB}) and why any is missing
     ({index: reason})."""
-    indices = fake_indices(path, k)
     if not os.path.isdir(path):
+        indices = fake_indices(path, k)
         return indices, read_frames(path, indices), {}
-    files = frame_files(path)
+    files = frame_files(path)  # listed once for the indices and the reads
+    indices = _chosen_files(files, k)
     frames, reasons = {}, {}
     for i in indices:
         try:
@@ -319,21 +330,11 @@ class FrameKeypoints:
     def __call__(self, path: str, indices) -> dict:
         wanted, found = set(int(i) for i in indices), {}
         try:
-            capture = _open(path)
+            for i, frame in decoded_frames(path, wanted):
+                points = self.keypoints(frame)
+                found[i] = "no face" if points is None else points
         except BadVideo as e:
             log.warning("%s: %s", path, e)
-            return {i: "truncated video" for i in wanted}
-        try:
-            for i in range(max(wanted, default=-1) + 1):
-                if not capture.grab():
-                    break
-                if i in wanted:
-                    ok, frame = capture.retrieve()
-                    if ok and frame is not None and frame.ndim == 3:
-                        points = self.keypoints(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-                        found[i] = "no face" if points is None else points
-        finally:
-            capture.release()
         return {i: found.get(i, "truncated video") for i in wanted}
 
 

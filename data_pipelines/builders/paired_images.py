@@ -437,11 +437,10 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.info.metadata["source_fingerprint"] = splits.tree_fingerprint(root)
         return root
 
-    def _resume_folder(self, split: str) -> str:
-        """Where a finished split is kept until the build succeeds (data_pipelines/resume.py)."""
-        config = self.builder_config.name
-        return os.path.join(self.data_dir_root, self.name, ".splits", config,
-                            str(self.version), split)  # fmt: skip
+    def _kept_splits(self) -> str:
+        """Where finished splits are kept until the build succeeds (data_pipelines/resume.py)."""
+        return os.path.join(self.data_dir_root, self.name, ".splits", self.builder_config.name,
+                            str(self.version))  # fmt: skip
 
     def _generate_splits(self, dl_manager, download_config):
         """tfds' split generation, one split at a time, each kept as soon as it is written and
@@ -470,7 +469,7 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         infos = []
         for split, generator in generators.items():
             template = self._get_filename_template(split)
-            folder = self._resume_folder(split)
+            folder = os.path.join(self._kept_splits(), split)
             kept = resume.restore(folder, fingerprint, lambda n, template=template: [
                 str(p) for p in template.sharded_filepaths(n)])  # fmt: skip
             if kept is not None:
@@ -505,7 +504,7 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().download_and_prepare(*args, **kwargs)
         # Only now is the build in place (tfds writes its info and renames the folder after
         # the splits): the kept splits can go.
-        resume.discard(os.path.dirname(self._resume_folder("train")))
+        resume.discard(self._kept_splits())
 
     def _new_counters(self) -> dict[str, skips.SkipCounter]:
         counters = {s: skips.SkipCounter(f"{self.name}/{s}") for s in splits.SPLITS}
