@@ -83,8 +83,6 @@ def measure(config, batch_sizes, fsdp_sizes, *, loss_nets=None) -> list[dict]:
     model = inference.build_model(config)
     nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
     weights = loss_nets_lib.loss_weights(config.loss)
-    tx = state_lib.make_optimizer(config.optim, int(config.train.steps))
-    abstract = state_lib.abstract_train_state(config, model, tx)
     frozen_bytes = _tree_bytes(losses.split_frozen(nets)[0])
     results = []
     for fsdp in fsdp_sizes:
@@ -93,6 +91,9 @@ def measure(config, batch_sizes, fsdp_sizes, *, loss_nets=None) -> list[dict]:
         mesh_config = config.mesh.copy_and_resolve_references()
         mesh_config.data, mesh_config.fsdp = len(devices) // fsdp, fsdp
         mesh = sharding_lib.make_mesh(mesh_config, devices)
+        # The optimizer as `train` builds it for this mesh (flat AdamW only without fsdp).
+        tx = state_lib.make_optimizer(config.optim, int(config.train.steps), mesh)
+        abstract = state_lib.abstract_train_state(config, model, tx)
         shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
         step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
         state = jax.tree.map(

@@ -183,6 +183,11 @@ def test_dataclass_and_optax_state(tmp_path):
     wrong = _TrainState(jnp.int32(0), bigger, tx.init(bigger))
     with pytest.raises(ValueError, match=r"opt_state/0/mu/dense/kernel: checkpoint shape \(3, 4\)"):
         ckpt.restore(wrong)
+    # A run saved leaf by leaf, resumed with optim.flatten's one-vector AdamW: named as such.
+    flat = _TrainState(jnp.int32(0), params, optax.flatten(tx).init(params))
+    with pytest.raises(ValueError, match="only the optimizer state differs: .*optim.flatten"):
+        ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                 sharding=x.sharding), flat))
     ckpt.close()
 
 

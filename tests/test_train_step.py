@@ -145,7 +145,7 @@ def _assert_tree_equal(a, b):
 
 
 def _setup(model, config, loss_nets, mesh, donate=True):
-    tx = state_lib.make_optimizer(config.optim, total_steps=10)
+    tx = state_lib.make_optimizer(config.optim, total_steps=10, mesh=mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     state = state_lib.create_train_state(config, model, jax.random.key(0), mesh, tx)
@@ -202,7 +202,8 @@ def test_tree_shardings_and_state_shardings():
     assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
 
     model, config = TinyDFREC(), _config()
-    tx = state_lib.make_optimizer(config.optim, 10)
+    assert config.optim.flatten  # the default: one vector, but not where fsdp splits leaves
+    tx = state_lib.make_optimizer(config.optim, 10, mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shard = state_lib.state_shardings(abstract, mesh, 64)
     kernel = abstract.params["Dense_1"]["kernel"]  # [8 * 8 * 8, 192]
@@ -214,6 +215,17 @@ def test_tree_shardings_and_state_shardings():
     assert jax.tree.structure(mu) == jax.tree.structure(abstract.params)
     for s in (shard.step, shard.rng, shard.nonfinite_streak, *jax.tree.leaves(shard.batch_stats)):
         assert s.spec == P()
+    # Without fsdp (all 8 devices on "data") the moments are one replicated vector.
+    data_mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=8, fsdp=1)))
+    flat = state_lib.abstract_train_state(
+        config, model, state_lib.make_optimizer(config.optim, 10, data_mesh)
+    )
+    n = sum(x.size for x in jax.tree.leaves(abstract.params))
+    assert [x.shape for x in jax.tree.leaves(optax.tree_utils.tree_get(flat.opt_state, "mu"))] == [
+        (n,)
+    ]
+    flat_shard = state_lib.state_shardings(flat, data_mesh, 64)
+    assert all(s.spec == P() for s in jax.tree.leaves(flat_shard.opt_state))
 
 
 # ----------------------------------------------------------------------------
@@ -282,9 +294,11 @@ def test_adamw_clipping_and_accumulation_on_a_quadratic():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-10), u2, want)
     np.testing.assert_allclose(state_lib.current_learning_rate(s), 1e-4)
 
-    # flatten=True: the same AdamW updates (with the warmup's lr on record), one moment vector.
-    cfg = _optim(weight_decay=0.1, warmup_steps=4, clip_norm=0.5)
-    flat, plain = state_lib.make_optimizer(_flat(cfg), 10), state_lib.make_optimizer(cfg, 10)
+    # flatten=True (the default) and False: the same AdamW updates (with the warmup's lr on
+    # record); one moment vector or one per leaf.
+    cfg = dict(weight_decay=0.1, warmup_steps=4, clip_norm=0.5)
+    flat = state_lib.make_optimizer(_optim(flatten=True, **cfg), 10)
+    plain = state_lib.make_optimizer(_optim(flatten=False, **cfg), 10)
     sf, sp = flat.init(params), plain.init(params)
     for g in (g1, g2, g1):
         uf, sf = flat.update(g, sf, params)
@@ -294,12 +308,16 @@ def test_adamw_clipping_and_accumulation_on_a_quadratic():
     assert 0 < float(lr) < 1e-4  # still warming up
     np.testing.assert_allclose(state_lib.current_learning_rate(sf), lr, rtol=1e-6)
     assert [x.shape for x in jax.tree.leaves(optax.tree_utils.tree_get(sf, "mu"))] == [(10,)]
+    assert len(jax.tree.leaves(optax.tree_utils.tree_get(sp, "mu"))) == 2
 
 
-def _flat(cfg):
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.flatten = True
-    return cfg
+def test_norm_of_one_concatenated_vector_equals_the_per_leaf_norm():
+    tree = {"w": jnp.arange(6.0).reshape(2, 3) - 2.5, "b": jnp.full((4,), 1e3), "c": jnp.ones(())}
+    want = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(tree)))
+    for concatenate in (True, False):
+        np.testing.assert_allclose(step_lib._norm(tree, concatenate), want, rtol=1e-6)
+    bad = dict(tree, b=tree["b"].at[1].set(jnp.nan))
+    assert not np.isfinite(step_lib._norm(bad, True))  # the guard's test still sees a NaN
 
 
 # ----------------------------------------------------------------------------

@@ -420,6 +420,14 @@ class Checkpointer:
             problems += [f"{k}: not in the target" for k in sorted(got.keys() - want.keys())]
         if problems:
             more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            differing = (got.keys() ^ want.keys()) | {k for k in got.keys() & want.keys()
+                                                      if got[k] != want[k]}  # fmt: skip
+            if all(k.startswith("opt_state") for k in differing):
+                more += (
+                    "; only the optimizer state differs: resume with the run's optim.flatten,"
+                    " optim.accumulate_steps and mesh.fsdp (its config.json; optim.flatten"
+                    " is on by default since 2026-12-06, runs before then were per leaf)"
+                )
             raise CheckpointMismatchError(
                 f"{self._mismatch(step)}: " + "; ".join(problems[:10]) + more
             )

@@ -66,7 +66,7 @@ def build_train_step(config, mesh, *, loss_nets=None, total_steps: int | None = 
     nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
     weights = loss_nets_lib.loss_weights(config.loss)
     steps = int(config.train.steps if total_steps is None else total_steps)
-    tx = state_lib.make_optimizer(config.optim, steps)
+    tx = state_lib.make_optimizer(config.optim, steps, mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
     state = state_lib.create_train_state(config, model, jax.random.key(config.seed), mesh, tx)

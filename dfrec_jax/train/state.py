@@ -68,12 +68,17 @@ def learning_rate_fn(optim_config, total_steps: int) -> Callable[[Any], Any]:
     return lambda step: schedule(step // k)
 
 
-def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    optim_config, total_steps: int, mesh: jax.sharding.Mesh | None = None
+) -> optax.GradientTransformation:
     """AdamW over a constant (+ linear warmup) or warmup-cosine schedule; optional global-norm
     clipping first; optax.MultiSteps when accumulate_steps > 1.
 
     The lr is an injected hyperparameter, so the opt state holds the lr of the last applied
     update (`current_learning_rate`). Weight decay applies to every parameter (AdamW default).
+    `optim.flatten` runs AdamW on one concatenated vector where the parameters are replicated
+    (`mesh` None or its "fsdp" axis of size 1); under fsdp it stays leaf by leaf, since the
+    concatenation would gather every shard.
     """
     schedule = _schedule(optim_config, total_steps)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "weight_decay"))(
@@ -82,10 +87,11 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
         b2=float(optim_config.b2),
         weight_decay=float(optim_config.weight_decay),
     )
-    if optim_config.get("flatten", False):
+    sharded = mesh is not None and mesh.shape.get("fsdp", 1) > 1
+    if optim_config.get("flatten", False) and not sharded:
         # One concatenated vector instead of ~430 leaves: the update compiles to a few fused
-        # ops (XLA's compile time grows with the leaf count). It gathers the parameters into
-        # one array, so it is for data parallelism, not fsdp.
+        # ops, not ~50 per leaf (XLA's compile time grows with the op count; the same
+        # elementwise AdamW).
         adamw = optax.flatten(adamw)
     clip = float(optim_config.clip_norm)
     if clip < 0:

@@ -194,7 +194,7 @@ def train(
     model = inference.build_model(config)
     nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
     weights = loss_nets_lib.loss_weights(config.loss)
-    tx = state_lib.make_optimizer(config.optim, total_steps)
+    tx = state_lib.make_optimizer(config.optim, total_steps, mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     ckpt = checkpoints.Checkpointer(
