@@ -299,7 +299,7 @@ def _meta(examples: tf.data.Dataset) -> dict:
         }
 
     parts = {"label": [], "id": [], "blendable": [], "size": []}
-    for batch in examples.map(project).batch(_META_BATCH).as_numpy_iterator():
+    for batch in examples.map(_as_written(project)).batch(_META_BATCH).as_numpy_iterator():
         for k in parts:
             parts[k].append(batch[k])
     meta = {k: np.concatenate(v) if v else np.zeros([0]) for k, v in parts.items()}
@@ -311,6 +311,13 @@ def _meta(examples: tf.data.Dataset) -> dict:
 
 
 # ----------------------------------------------------------------------------- streams
+
+
+def _as_written(fn):
+    """`fn` for tf.data, traced as written instead of through AutoGraph's source rewrite: the
+    pipeline's functions branch and loop only on Python values, and the rewrite (parsing and
+    transforming every function they call) took ~3 s of each pipeline's construction."""
+    return tf.autograph.experimental.do_not_convert(fn)
 
 
 def _permute(block: dict, seed: tf.Tensor) -> dict:
@@ -333,17 +340,18 @@ def _stream(base: tf.data.Dataset, count: int, key: int, start: int, block: int)
         rotated = base.skip(shift).concatenate(base.take(shift))
         blocks = rotated.batch(block).enumerate()
         return blocks.map(
-            lambda b, x: _permute(x, tf.random.experimental.stateless_fold_in(seed, b))
+            _as_written(lambda b, x: _permute(x, tf.random.experimental.stateless_fold_in(seed, b)))
         ).unbatch()
 
-    return tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch).skip(offset)
+    return tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(_as_written(epoch)).skip(offset)
 
 
 def _subset(examples: tf.data.Dataset, keep: np.ndarray) -> tf.data.Dataset:
     """The examples at the positions `keep` (from their metadata pass) marks, in order:
     a filter that decodes nothing (the blendability test would decode every face_mask)."""
     keep = tf.constant(np.asarray(keep, bool))
-    return examples.enumerate().filter(lambda i, _: tf.gather(keep, i)).map(lambda _, ex: ex)
+    kept = examples.enumerate().filter(_as_written(lambda i, _: tf.gather(keep, i)))
+    return kept.map(_as_written(lambda _, ex: ex))
 
 
 def _pick_partners(targets: dict, candidates: dict) -> dict:
@@ -406,7 +414,7 @@ def _training(
             base = _subset(examples, labels == i)
             s = _stream(base, available[kind], _key(seed, kind), start_batch * n, shuffle_buffer)
             streams[MIX_KINDS.index(kind)] = s.map(
-                decode_standard, num_parallel_calls=tf.data.AUTOTUNE
+                _as_written(decode_standard), num_parallel_calls=tf.data.AUTOTUNE
             )
 
     n_bi = counts["blended"]
@@ -419,7 +427,7 @@ def _training(
             base, count, _key(seed, "bi_partner"), start_batch * n_cand, shuffle_buffer
         )
         pairs = tf.data.Dataset.zip(targets.batch(n_bi), partners.batch(n_cand))
-        pairs = pairs.map(lambda t, c: (t, _pick_partners(t, c))).unbatch()
+        pairs = pairs.map(_as_written(lambda t, c: (t, _pick_partners(t, c)))).unbatch()
         bi_key = _key(seed, "blend")
 
         def blend(index, pair):
@@ -430,7 +438,7 @@ def _training(
             return _standard(blended)
 
         streams[MIX_KINDS.index("blended")] = pairs.enumerate(start_batch * n_bi).map(
-            blend, num_parallel_calls=tf.data.AUTOTUNE
+            _as_written(blend), num_parallel_calls=tf.data.AUTOTUNE
         )
 
     pattern = choice_pattern(counts)
@@ -450,7 +458,9 @@ def _training(
         batch["has_mask"] = tf.ones([batch_size], tf.float32)
         return {k: batch[k] for k in OUTPUT_KEYS}
 
-    return batches.enumerate(start_batch).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return batches.enumerate(start_batch).map(
+        _as_written(finish), num_parallel_calls=tf.data.AUTOTUNE
+    )
 
 
 def _evaluation(part: ProcessPart, *, batch_size, seed, perturb, start_batch):
@@ -486,7 +496,7 @@ def _evaluation(part: ProcessPart, *, batch_size, seed, perturb, start_batch):
     real = (
         part.examples.enumerate(part.offset)  # index: the position in the whole split
         .skip(skip)
-        .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(_as_written(prepare), num_parallel_calls=tf.data.AUTOTUNE)
     )
     blank = {
         "image": tf.zeros([size, size, 3], tf.uint8),

@@ -102,8 +102,8 @@ def test_masking_rng_determinism_and_train_mode(demo):
 
 
 def _nonzero_leaves(grads):
-    flat = traverse_util.flatten_dict(grads)
-    return {"/".join(k): float(jnp.abs(v).sum()) > 0 for k, v in flat.items()}
+    flat = traverse_util.flatten_dict(jax.device_get(grads))  # numpy: no compile per leaf shape
+    return {"/".join(k): bool(np.abs(v).sum() > 0) for k, v in flat.items()}
 
 
 def test_gradients_reach_every_parameter():
@@ -130,7 +130,8 @@ def test_gradients_reach_every_parameter():
 
     def reached(*chosen):
         grads = grads_of(variables["params"], jnp.array([k in chosen for k in keys], jnp.float32))
-        chex.assert_tree_all_finite(grads)
+        grads = jax.device_get(grads)
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
         return _nonzero_leaves(grads)
 
     everything = reached(*keys)
