@@ -138,6 +138,25 @@ def split_frozen(nets: Any) -> tuple[list, FrozenLayout]:
     return arrays, FrozenLayout(treedef, static)
 
 
+class BoundToFrozen:
+    """A jitted function whose last argument is `split_frozen`'s arrays, bound to them (placed
+    once): `fn(*args)`; `lower(*args)` and `call(compiled, *args)` give the ahead-of-time path
+    (bench) the same signature."""
+
+    def __init__(self, jitted, frozen_arrays):
+        self.jitted = jitted
+        self.frozen_arrays = frozen_arrays
+
+    def __call__(self, *args):
+        return self.jitted(*args, self.frozen_arrays)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, self.frozen_arrays)
+
+    def call(self, compiled, *args):
+        return compiled(*args, self.frozen_arrays)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
     """Weights of the total loss; see the module docstring for the paper reading."""

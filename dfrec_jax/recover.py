@@ -61,7 +61,7 @@ from PIL import Image
 from configs import default
 from data_pipelines import alignment
 from dfrec_jax import images as image_io
-from dfrec_jax import inference
+from dfrec_jax import inference, losses
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.eval import identity
 from dfrec_jax.run import workdir as workdir_lib
@@ -193,26 +193,30 @@ def _to_uint8(x: jax.Array) -> jax.Array:
 
 
 def make_recover_fn(model, nets: identity.IdentityNets, seed: int):
-    """jit(variables, uint8 images [B,S,S,3]) -> DFREC outputs and identity similarities.
+    """jit(variables, uint8 images [B,S,S,3]) -> DFREC outputs and identity similarities,
+    bound to the identity networks' weights (`losses.BoundToFrozen`).
 
     Returns uint8 seg [B,S,S,1], source and target [B,S,S,3], float32 forgery_logit [B] and
     {"facenet", "dlib"} cosines [B] of the input and the 8-bit recovered target; the model's
     outputs are `inference.apply_per_image`'s (each image alone, one masking key).
     """
 
+    # The identity networks' weights are an argument, not ~110 MB of constants in the program.
+    net_arrays, rebuild_nets = identity.split(nets)
+
     @jax.jit
-    def recover_fn(variables, images):
+    def recover_fn(variables, images, net_arrays):
         inputs = images.astype(jnp.float32) / 255.0
         out = inference.apply_per_image(model, variables, inputs, seed)
         result = {k: _to_uint8(out[k]) for k in ("seg", "source", "target")}
         result["forgery_logit"] = out["forgery_logit"]
         n = images.shape[0]
         both = jnp.concatenate([inputs, result["target"].astype(jnp.float32) / 255.0])
-        embeddings = nets.embed(both)
+        embeddings = rebuild_nets(net_arrays).embed(both)
         result["similarity"] = {k: identity.cosine(e[:n], e[n:]) for k, e in embeddings.items()}
         return result
 
-    return recover_fn
+    return losses.BoundToFrozen(recover_fn, jax.device_put(net_arrays))
 
 
 def panel(image: np.ndarray, seg: np.ndarray, source: np.ndarray, target: np.ndarray):

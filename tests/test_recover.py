@@ -415,3 +415,26 @@ def test_older_run_configs_get_the_model_keys_added_since(tmp_path):
     config["model"]["ism"]["encoder_bn_momentum"] = 0.9  # a newer run keeps its own value
     path.write_text(json.dumps(config, default=list))
     assert trained_lib.read_config(str(path)).model.ism.encoder_bn_momentum == 0.9
+
+
+def test_recover_and_gallery_programs_take_the_identity_weights_as_arguments():
+    """FaceNet and dlib (~110 MB) enter recover's program and trace's gallery embedding as an
+    argument (losses.BoundToFrozen, identity.split), not as constants: each lowered program's
+    constants stay under 1 MB (closed over, they were compiled in and zlib-compressed into
+    every persistent-cache entry)."""
+    from configs import default
+    from dfrec_jax import inference
+    from dfrec_jax.eval import identity
+    from tests.test_train_step import _constant_bytes
+
+    model = inference.build_model(tiny.tiny_config())
+    real = identity.load(default.eval_config())
+    fn = recover.make_recover_fn(model, real, 0)
+    assert sum(a.nbytes for a in fn.frozen_arrays) > 100e6
+    images = jax.ShapeDtypeStruct((2, SIZE, SIZE, 3), np.uint8)
+    assert _constant_bytes(fn.lower(inference.abstract_variables(model), images).as_text()) < 1e6
+    embed = identity._jitted_embed(real)  # a partial of the jitted embedding and the weights
+    assert _constant_bytes(embed.func.lower(*embed.args, images).as_text()) < 1e6
+    # The check sees constants: the embedding closed over the networks is over the bound.
+    baked = jax.jit(lambda x: real.embed(x.astype(np.float32) / 255.0))
+    assert _constant_bytes(baked.lower(images).as_text()) > 50e6

@@ -102,26 +102,13 @@ def train_step_fn(
     return step
 
 
-class TrainStep:
+class TrainStep(losses.BoundToFrozen):
     """The jitted step bound to the frozen loss networks' weights: `step(state, batch)`.
 
     The weights are an argument of the compiled program (placed replicated once), not
     constants inside it; `lower(state, batch)` and `call(compiled, state, batch)` give the
     ahead-of-time path (bench) the same signature.
     """
-
-    def __init__(self, jitted, frozen_arrays):
-        self.jitted = jitted
-        self.frozen_arrays = frozen_arrays
-
-    def __call__(self, state, batch):
-        return self.jitted(state, batch, self.frozen_arrays)
-
-    def lower(self, state, batch):
-        return self.jitted.lower(state, batch, self.frozen_arrays)
-
-    def call(self, compiled, state, batch):
-        return compiled(state, batch, self.frozen_arrays)
 
 
 def replicated_frozen(nets, mesh: jax.sharding.Mesh) -> tuple[list, losses.FrozenLayout]:
