@@ -211,7 +211,7 @@ def optim_config():
             clip_norm=0.0,  # global-norm gradient clipping; 0 = off
             accumulate_steps=1,  # gradient accumulation (optax.MultiSteps) over this many steps
             # optax.flatten: AdamW on one vector of every parameter (same updates; the demo
-            # step compiles in 79 s, not 102 s); leaf by leaf anyway under fsdp (mesh.fsdp > 1).
+            # step compiles in 79 s, not 102 s); leaf by leaf under fsdp (a resolved fsdp > 1).
             flatten=True,
         )
     )

@@ -25,6 +25,7 @@ passes when target_idsim ends at least 0.3 above none_target_idsim and mask_iou 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -35,7 +36,7 @@ import numpy as np
 from data_pipelines import landmarks as landmarks_lib
 from data_pipelines import swap
 from dfrec_jax import images as images_lib
-from dfrec_jax import inference
+from dfrec_jax import inference, losses
 from dfrec_jax.eval import identity, metrics
 from dfrec_jax.forward import first_image_per_person
 from dfrec_jax.pretrained import facenet
@@ -183,7 +184,11 @@ def run_learning_check(
         raise ValueError(f"learning check: {n} examples do not split into batches of {batch_size}")
     if embed is None:
         net = facenet.load_named(config.eval.identity_net, config.eval.identity_weights, "eval")
-        embed = jax.jit(lambda x: net(x)["embedding"])
+        # The weights are an argument, not ~90 MB of constants compiled into the program.
+        arrays, rebuild = losses.split_frozen(net)
+        embed = functools.partial(
+            jax.jit(lambda arrays, x: rebuild(arrays)(x)["embedding"]), jax.device_put(arrays)
+        )
 
     mesh = sharding_lib.make_mesh(config.mesh)
     model, _, _, state, train_step = standalone.build_train_step(

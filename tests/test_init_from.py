@@ -49,7 +49,7 @@ def fake_state(config, seed=0):
     """A TrainState of random host values with the shardings `create_train_state` gives."""
     model = inference.build_model(config)
     mesh = sharding.make_mesh(config.mesh)
-    tx = state_lib.make_optimizer(config.optim, config.train.steps)
+    tx = state_lib.make_optimizer(config.optim, config.train.steps, mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     rng = np.random.default_rng(seed)
@@ -219,7 +219,7 @@ def test_resumed_run_ignores_init_and_fresh_run_applies_it(
     random_init, mesh = fake_state(config)
     # The fresh state is created as the trainer does, minus the init compile (seconds here).
     monkeypatch.setattr(state_lib, "create_train_state", lambda *args: random_init)
-    tx = state_lib.make_optimizer(config.optim, config.train.steps)
+    tx = state_lib.make_optimizer(config.optim, config.train.steps, mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     converted, _ = cb.convert_vit(mae_checkpoint, "mae", 32, 8, pos_embed="sincos")

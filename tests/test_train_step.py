@@ -252,7 +252,7 @@ def test_schedules():
     for s in (0, 10, 11, 60, 61, 109):
         np.testing.assert_allclose(lr2(s), lr(2 * (s // 2)), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="unknown optim.schedule"):
-        state_lib.make_optimizer(_optim(schedule="linear"), 10)
+        state_lib.make_optimizer(_optim(schedule="linear"), 10, None)
 
 
 def _acc(cfg, k):
@@ -267,7 +267,7 @@ def test_adamw_clipping_and_accumulation_on_a_quadratic():
     g2 = jax.tree.map(lambda p: -30.0 * jnp.sin(p) + 1.0, params)
 
     # AdamW with weight decay, against optax's own.
-    tx = state_lib.make_optimizer(_optim(weight_decay=0.1), 10)
+    tx = state_lib.make_optimizer(_optim(weight_decay=0.1), 10, None)
     ref = optax.adamw(1e-4, weight_decay=0.1)
     u, _ = tx.update(g1, tx.init(params), params)
     r, _ = ref.update(g1, ref.init(params), params)
@@ -275,7 +275,7 @@ def test_adamw_clipping_and_accumulation_on_a_quadratic():
     np.testing.assert_allclose(state_lib.current_learning_rate(tx.init(params)), 1e-4)
 
     # Clipping engages: Adam's first moment after one step is (1 - b1) * the clipped gradient.
-    tx = state_lib.make_optimizer(_optim(clip_norm=0.5), 10)
+    tx = state_lib.make_optimizer(_optim(clip_norm=0.5), 10, None)
     _, s = tx.update(g1, tx.init(params), params)
     mu = optax.tree_utils.tree_get(s, "mu")
     assert float(optax.tree.norm(g1)) > 100
@@ -283,8 +283,8 @@ def test_adamw_clipping_and_accumulation_on_a_quadratic():
 
     # accumulate_steps=2: two micro-steps == one step on the mean gradient; nothing moves
     # after the first.
-    tx = state_lib.make_optimizer(_optim(accumulate_steps=2), 10)
-    plain = state_lib.make_optimizer(_optim(), 10)
+    tx = state_lib.make_optimizer(_optim(accumulate_steps=2), 10, None)
+    plain = state_lib.make_optimizer(_optim(), 10, None)
     s = tx.init(params)
     u1, s = tx.update(g1, s, params)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u1))
@@ -297,8 +297,8 @@ def test_adamw_clipping_and_accumulation_on_a_quadratic():
     # flatten=True (the default) and False: the same AdamW updates (with the warmup's lr on
     # record); one moment vector or one per leaf.
     cfg = dict(weight_decay=0.1, warmup_steps=4, clip_norm=0.5)
-    flat = state_lib.make_optimizer(_optim(flatten=True, **cfg), 10)
-    plain = state_lib.make_optimizer(_optim(flatten=False, **cfg), 10)
+    flat = state_lib.make_optimizer(_optim(flatten=True, **cfg), 10, None)
+    plain = state_lib.make_optimizer(_optim(flatten=False, **cfg), 10, None)
     sf, sp = flat.init(params), plain.init(params)
     for g in (g1, g2, g1):
         uf, sf = flat.update(g, sf, params)
@@ -326,7 +326,7 @@ def test_norm_of_one_concatenated_vector_equals_the_per_leaf_norm():
 def test_create_train_state_sharded_and_matches_init_variables():
     model, config = TinyDFREC(), _config()
     mesh = sharding.make_mesh(config.mesh)
-    tx = state_lib.make_optimizer(config.optim, 10)
+    tx = state_lib.make_optimizer(config.optim, 10, mesh)
     state = state_lib.create_train_state(config, model, jax.random.key(7), mesh, tx)
     abstract = state_lib.abstract_train_state(config, model, tx)
     want = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
@@ -540,10 +540,12 @@ def test_eight_devices_match_one_device(loss_nets):
 
 
 def test_eight_devices_match_one_device_adamw_losses(loss_nets):
-    """The production optimizer: losses agree; parameters whose true gradient is 0 may differ
-    by a few lr (see `_sgd`), everything else closely."""
+    """The production optimizer (built for the fsdp mesh: per leaf, on both meshes, which
+    share one initial state): losses agree; parameters whose true gradient is 0 may differ by
+    a few lr (see `_sgd`), everything else closely."""
     config = _config()
-    s8, s1 = _parity(TinyDFREC(), config, loss_nets, state_lib.make_optimizer(config.optim, 10))
+    tx = state_lib.make_optimizer(config.optim, 10, sharding.make_mesh(config.mesh))
+    s8, s1 = _parity(TinyDFREC(), config, loss_nets, tx)
     _assert_params_close(s8, s1, rtol=0, atol=3 * 3 * config.optim.learning_rate)
 
 
@@ -623,3 +625,36 @@ def test_step_with_the_real_loss_networks_holds_no_large_constants():
     # The check sees constants: the identity network closed over instead is over the bound.
     baked = jax.jit(lambda x: nets.identity(x)[1]).lower(jnp.zeros((1, 32, 32, 3)))
     assert _constant_bytes(baked.as_text()) > 50e6
+
+
+def test_a_resume_takes_the_optimizer_layout_of_its_checkpoint(tmp_path):
+    """A run saved per leaf (optim.flatten off, as every run before it became the default)
+    resumes per leaf under today's default config, and a flat one stays flat."""
+    from dfrec_jax.run.checkpoints import Checkpointer
+    from dfrec_jax.train import trainer
+
+    model, config = TinyDFREC(), _config()
+    config.mesh.update(data=8, fsdp=1)
+    mesh = sharding.make_mesh(config.mesh)
+    for saved_flat in (False, True):
+        saved = config.copy_and_resolve_references()
+        saved.optim.flatten = saved_flat
+        tx = state_lib.make_optimizer(saved.optim, 10, mesh)
+        state = state_lib.create_train_state(saved, model, jax.random.key(0), mesh, tx)
+        directory = str(tmp_path / f"flat_{saved_flat}")
+        with Checkpointer(directory, save_every=1, keep=1) as ckpt:
+            ckpt.save(1, state, {"next_batch": 1})
+            ckpt.wait()
+        for asked in (False, True):
+            current = config.copy_and_resolve_references()
+            current.optim.flatten = asked
+            ckpt = Checkpointer(directory, save_every=1, keep=1, read_only=True)
+            used, _, abstract = trainer._optimizer(current, model, mesh, 10, ckpt)
+            assert used.optim.flatten == saved_flat and current.optim.flatten == asked
+            assert ckpt.layout_matches(abstract)
+            shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+            )
+            restored, _ = ckpt.restore(target)
+            _assert_tree_equal(restored.opt_state, state.opt_state)

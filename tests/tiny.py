@@ -145,7 +145,7 @@ def make_workdir(workdir, config=None, step: int = 3, seed: int = 0) -> str:
     workdir_lib.save_run_metadata(str(workdir), config)
     model = inference.build_model(config)
     mesh = sharding.make_mesh(config.mesh)
-    tx = state.make_optimizer(config.optim, config.train.steps)
+    tx = state.make_optimizer(config.optim, config.train.steps, mesh)
     train_state = state.create_train_state(config, model, jax.random.PRNGKey(seed), mesh, tx)
     train_state = train_state.replace(step=jnp.asarray(step, jnp.int32))
     with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=2) as c:

@@ -420,18 +420,33 @@ class Checkpointer:
             )
         return int(step)
 
-    def _check_shapes(self, step: int, target: Any, partial: bool = False) -> None:
-        """Name the leaves whose saved shape differs from the target's, and the leaves only one
-        side has (all of the checkpoint's must be restored unless `partial`): orbax's own
-        errors do not say which, and they must not be taken for damage."""
+    def _saved_shapes(self, step: int) -> dict | None:
+        """Leaf name -> shape of `step`'s state, from its metadata (None when unreadable)."""
         try:
             saved = self._manager.item_metadata(step)["state"]
             saved_tree = saved.tree if hasattr(saved, "tree") else saved
         except Exception:  # metadata is a courtesy check; restore reports its own errors
-            return
+            return None
         if saved_tree is None:
+            return None
+        return {_path_name(p): tuple(x.shape) for p, x in _leaves(saved_tree)}
+
+    def layout_matches(self, abstract_state: Any) -> bool | None:
+        """Whether the newest checkpoint holds exactly `abstract_state`'s leaves and shapes
+        (None: no checkpoint, or its metadata unreadable)."""
+        step = self.latest_step()
+        got = None if step is None else self._saved_shapes(step)
+        if got is None:
+            return None
+        return got == {_path_name(p): _stored_shape(x) for p, x in _leaves(abstract_state)}
+
+    def _check_shapes(self, step: int, target: Any, partial: bool = False) -> None:
+        """Name the leaves whose saved shape differs from the target's, and the leaves only one
+        side has (all of the checkpoint's must be restored unless `partial`): orbax's own
+        errors do not say which, and they must not be taken for damage."""
+        got = self._saved_shapes(step)
+        if got is None:
             return
-        got = {_path_name(p): tuple(x.shape) for p, x in _leaves(saved_tree)}
         want = {_path_name(p): _stored_shape(x) for p, x in _leaves(target)}
         problems = [
             f"{k}: checkpoint shape {got[k]}, target shape {want[k]}"
@@ -447,9 +462,10 @@ class Checkpointer:
                                                       if got[k] != want[k]}  # fmt: skip
             if all(k.startswith("opt_state") for k in differing):
                 more += (
-                    "; only the optimizer state differs: resume with the run's optim.flatten,"
-                    " optim.accumulate_steps and mesh.fsdp (its config.json; optim.flatten"
-                    " is on by default since 2026-12-06, runs before then were per leaf)"
+                    "; only the optimizer state differs: resume with the run's"
+                    " optim.accumulate_steps and, where the run's optim.flatten was on, its"
+                    " fsdp size (a flat AdamW state is not resumed under fsdp, nor a per-leaf"
+                    " one flat; see the run's config.json)"
                 )
             raise CheckpointMismatchError(
                 f"{self._mismatch(step)}: " + "; ".join(problems[:10]) + more

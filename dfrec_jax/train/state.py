@@ -69,7 +69,7 @@ def learning_rate_fn(optim_config, total_steps: int) -> Callable[[Any], Any]:
 
 
 def make_optimizer(
-    optim_config, total_steps: int, mesh: jax.sharding.Mesh | None = None
+    optim_config, total_steps: int, mesh: jax.sharding.Mesh | None
 ) -> optax.GradientTransformation:
     """AdamW over a constant (+ linear warmup) or warmup-cosine schedule; optional global-norm
     clipping first; optax.MultiSteps when accumulate_steps > 1.
@@ -77,8 +77,10 @@ def make_optimizer(
     The lr is an injected hyperparameter, so the opt state holds the lr of the last applied
     update (`current_learning_rate`). Weight decay applies to every parameter (AdamW default).
     `optim.flatten` runs AdamW on one concatenated vector where the parameters are replicated
-    (`mesh` None or its "fsdp" axis of size 1); under fsdp it stays leaf by leaf, since the
-    concatenation would gather every shard.
+    (`mesh`, the mesh the state lives on, has an "fsdp" axis of size 1; None: no mesh, e.g. a
+    bare optimizer test); under fsdp it stays leaf by leaf, since the concatenation would
+    gather every shard. A required argument so that no caller gets the flat layout under fsdp
+    by forgetting it.
     """
     schedule = _schedule(optim_config, total_steps)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "weight_decay"))(

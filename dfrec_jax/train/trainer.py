@@ -142,6 +142,28 @@ def _has_checkpoint(ckpt_dir: str) -> bool:
     return any(name.isdigit() for name in paths.listdir(ckpt_dir))
 
 
+def _optimizer(config, model, mesh, total_steps: int, ckpt):
+    """(config, tx, abstract train state). A run resumes with the optimizer layout its
+    checkpoint holds: when only the other `optim.flatten` setting matches it (a run from
+    before flatten became the default, or one started with the other setting), that setting is
+    taken, with a warning, and recorded in the run's config.json."""
+    tx = state_lib.make_optimizer(config.optim, total_steps, mesh)
+    abstract = state_lib.abstract_train_state(config, model, tx)
+    if ckpt.layout_matches(abstract) is False:
+        other = config.copy_and_resolve_references()
+        other.optim.flatten = not config.optim.get("flatten", False)
+        other_tx = state_lib.make_optimizer(other.optim, total_steps, mesh)
+        other_abstract = state_lib.abstract_train_state(other, model, other_tx)
+        if ckpt.layout_matches(other_abstract):
+            log.warning(
+                "resuming with optim.flatten=%s, the optimizer layout of the checkpoints in %s",
+                other.optim.flatten,
+                ckpt.directory,
+            )
+            return other, other_tx, other_abstract
+    return config, tx, abstract
+
+
 def _initial_state(config, workdir, model, tx, mesh, abstract, shardings, ckpt):
     """(state, data_state): the newest checkpoint's (data_state: the input pipeline's position),
     or a fresh state with the pretrained sources of `config.init` merged in (data_state None).
@@ -194,15 +216,14 @@ def train(
     model = inference.build_model(config)
     nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
     weights = loss_nets_lib.loss_weights(config.loss)
-    tx = state_lib.make_optimizer(config.optim, total_steps, mesh)
-    abstract = state_lib.abstract_train_state(config, model, tx)
-    shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     ckpt = checkpoints.Checkpointer(
         ckpt_dir,
         save_every=cfg_train.checkpoint_every,
         keep=cfg_train.keep_checkpoints,
         best_metric=cfg_train.best_metric if validation else None,
     )
+    config, tx, abstract = _optimizer(config, model, mesh, total_steps, ckpt)
+    shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     state, data_state = _initial_state(
         config, workdir, model, tx, mesh, abstract, shardings, ckpt
     )
