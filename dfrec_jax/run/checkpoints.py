@@ -330,7 +330,7 @@ class Checkpointer:
         config may differ from the run's) and reads about a third of a train state's bytes."""
         self.wait()
         target = {k: _abstract_target(abstract_variables[k]) for k in ("params", "batch_stats")}
-        restore_args = _restore_args(target)
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
 
         def read(step: int):
             self._check_shapes(step, target, partial=True)
