@@ -25,7 +25,6 @@ passes when target_idsim ends at least 0.3 above none_target_idsim and mask_iou 
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 
@@ -186,8 +185,8 @@ def run_learning_check(
         net = facenet.load_named(config.eval.identity_net, config.eval.identity_weights, "eval")
         # The weights are an argument, not ~90 MB of constants compiled into the program.
         arrays, rebuild = losses.split_frozen(net)
-        embed = functools.partial(
-            jax.jit(lambda arrays, x: rebuild(arrays)(x)["embedding"]), jax.device_put(arrays)
+        embed = losses.BoundToFrozen(
+            jax.jit(lambda x, arrays: rebuild(arrays)(x)["embedding"]), jax.device_put(arrays)
         )
 
     mesh = sharding_lib.make_mesh(config.mesh)
