@@ -9,7 +9,9 @@ Each step directory `<directory>/<step>/` holds three items:
 - `meta`: JSON with at least {"step": step}, plus anything the caller adds (config hash, ...).
 Orbax adds `metrics` (JSON) to the checkpoints saved with a validation metric.
 
-Saves are asynchronous: `save` returns once the arrays are copied to host memory, and a background
+Saves are asynchronous: `save` returns once the arrays are copied to host memory (on CPU, an
+array written whole is read in place: until its write ends, XLA declines to donate it to the next
+step, which then allocates its own output; the checkpoint never sees the step), and a background
 thread writes them under a temporary name that is renamed when complete, so a process killed
 mid-save leaves the previous checkpoints intact and the partial one invisible (a Checkpointer
 opening the directory removes it in a background thread, finished before its first save).
