@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
@@ -649,7 +650,8 @@ def test_a_resume_takes_the_optimizer_layout_of_its_checkpoint(tmp_path):
             current = config.copy_and_resolve_references()
             current.optim.flatten = asked
             ckpt = Checkpointer(directory, save_every=1, keep=1, read_only=True)
-            used, _, abstract = trainer._optimizer(current, model, mesh, 10, ckpt)
+            used, _, abstract, saved = trainer._optimizer(current, model, mesh, 10, ckpt)
+            assert saved is None  # nothing to convert: the checkpoint's layout is taken
             assert used.optim.flatten == saved_flat and current.optim.flatten == asked
             assert ckpt.layout_matches(abstract)
             shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
@@ -658,3 +660,64 @@ def test_a_resume_takes_the_optimizer_layout_of_its_checkpoint(tmp_path):
             )
             restored, _ = ckpt.restore(target)
             _assert_tree_equal(restored.opt_state, state.opt_state)
+
+
+def test_a_flat_checkpoint_resumes_under_fsdp_with_its_moments_cut_per_leaf(tmp_path):
+    """A run saved flat (fsdp 1, the default optim.flatten) resumed on a mesh whose fsdp
+    splits the parameters: the trainer restores the flat state and cuts it into the per-leaf
+    optimizer that fsdp uses, which then makes the same update the flat one would have."""
+    from dfrec_jax.run.checkpoints import Checkpointer
+    from dfrec_jax.train import trainer
+
+    model, config = TinyDFREC(), _config()
+    config.mesh.update(data=8, fsdp=1)
+    flat_mesh = sharding.make_mesh(config.mesh)
+    flat_tx = state_lib.make_optimizer(config.optim, 10, flat_mesh)
+    state = state_lib.create_train_state(config, model, jax.random.key(0), flat_mesh, flat_tx)
+    rng = np.random.default_rng(0)
+
+    def gradients(params):  # distinct values everywhere, so a misplaced element shows
+        return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+
+    # One update first: moments that differ element by element (a fresh state's are zeros).
+    _, opt_state = jax.jit(flat_tx.update)(gradients(state.params), state.opt_state, state.params)
+    state = state.replace(opt_state=opt_state)
+    flat_mu = _adam_state(opt_state).mu
+    assert flat_mu.ndim == 1 and float(jnp.abs(flat_mu).min()) > 0
+    directory = str(tmp_path / "flat")
+    with Checkpointer(directory, save_every=1, keep=1) as ckpt:
+        ckpt.save(1, state, {"next_batch": 1})
+        ckpt.wait()
+
+    resumed = config.copy_and_resolve_references()
+    resumed.mesh.update(data=4, fsdp=2)
+    mesh = sharding.make_mesh(resumed.mesh)
+    ckpt = Checkpointer(directory, save_every=1, keep=1, read_only=True)
+    used, tx, abstract, saved = trainer._optimizer(resumed, model, mesh, 10, ckpt)
+    assert saved is not None and ckpt.layout_matches(saved) and not ckpt.layout_matches(abstract)
+    shardings = state_lib.state_shardings(abstract, mesh, resumed.mesh.fsdp_min_size)
+    restored, data_state = trainer._initial_state(
+        used, str(tmp_path), model, tx, mesh, abstract, shardings, ckpt, saved
+    )
+    assert data_state == {"next_batch": 1}
+    assert jax.tree.structure(restored.opt_state) == jax.tree.structure(abstract.opt_state)
+    assert jax.tree.map(lambda x: x.sharding, restored) == shardings
+    split = [x.sharding.spec for x in jax.tree.leaves(restored.opt_state) if x.ndim > 1]
+    assert any("fsdp" in spec for spec in split)  # the moments now follow fsdp's split
+    _assert_tree_equal(restored.params, state.params)
+    _, unravel = ravel_pytree(jax.device_get(state.params))
+    _assert_tree_equal(_adam_state(restored.opt_state).mu, unravel(np.asarray(flat_mu)))
+    # The next update: per leaf from the converted state equals the flat one's.
+    grads = gradients(state.params)
+    want, _ = jax.jit(flat_tx.update)(grads, state.opt_state, state.params)
+    got, _ = jax.jit(tx.update)(grads, restored.opt_state, restored.params)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-9)
+
+
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+    def is_adam(x):
+        return isinstance(x, optax.ScaleByAdamState)
+
+    (adam,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
+    return adam

@@ -464,10 +464,9 @@ class Checkpointer:
                                                       if got[k] != want[k]}  # fmt: skip
             if all(k.startswith("opt_state") for k in differing):
                 more += (
-                    "; only the optimizer state differs: resume with the run's"
-                    " optim.accumulate_steps and, where the run's optim.flatten was on, its"
-                    " fsdp size (a flat AdamW state is not resumed under fsdp, nor a per-leaf"
-                    " one flat; see the run's config.json)"
+                    "; only the optimizer state differs: resume with the run's optim settings"
+                    " (accumulate_steps, clip_norm; see its config.json; `train` itself takes"
+                    " the run's optim.flatten layout, or cuts a flat state per leaf under fsdp)"
                 )
             raise CheckpointMismatchError(
                 f"{self._mismatch(step)}: " + "; ".join(problems[:10]) + more

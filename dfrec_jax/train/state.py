@@ -105,6 +105,33 @@ def make_optimizer(
     return tx
 
 
+def opt_state_by_leaf(flat_opt_state, abstract_opt_state, params):
+    """`optax.flatten(tx)`'s state as `tx`'s own, leaf by leaf (`abstract_opt_state`: the
+    per-leaf state's structure, shapes and dtypes).
+
+    Every vector of all parameters concatenated (optax.flatten's order: jax.tree.leaves of
+    the parameters, each raveled) is cut back into parameter-shaped leaves; the other leaves
+    (counts, injected hyperparameters, MultiSteps' accumulators) carry over. The same values:
+    a flat run resumed where fsdp splits its parameters (make_optimizer keeps the optimizer
+    per leaf there) continues with its moments."""
+    leaves = jax.tree.leaves(params)
+    total = sum(int(np.prod(x.shape)) for x in leaves)
+    offsets = np.cumsum([int(np.prod(x.shape)) for x in leaves])[:-1]
+    out = []
+    for x in jax.tree.leaves(flat_opt_state):
+        if x.ndim == 1 and x.shape[0] == total:
+            out += [part.reshape(p.shape) for part, p in zip(jnp.split(x, offsets), leaves)]
+        else:
+            out.append(x)
+    want = jax.tree.leaves(abstract_opt_state)
+    if [(x.shape, x.dtype) for x in out] != [(x.shape, x.dtype) for x in want]:
+        raise ValueError(
+            "the flat optimizer state does not cut into the per-leaf one: "
+            f"{len(out)} leaves from the flat state, {len(want)} wanted"
+        )
+    return jax.tree.structure(abstract_opt_state).unflatten(out)
+
+
 def current_learning_rate(opt_state) -> jax.Array:
     """The lr of the last applied update, read from the injected hyperparameters (NaN when the
     optimizer does not inject one)."""
@@ -199,5 +226,6 @@ __all__ = [
     "current_learning_rate",
     "learning_rate_fn",
     "make_optimizer",
+    "opt_state_by_leaf",
     "state_shardings",
 ]

@@ -143,36 +143,74 @@ def _has_checkpoint(ckpt_dir: str) -> bool:
 
 
 def _optimizer(config, model, mesh, total_steps: int, ckpt):
-    """(config, tx, abstract train state). A run resumes with the optimizer layout its
-    checkpoint holds: when only the other `optim.flatten` setting matches it (a run from
-    before flatten became the default, or one started with the other setting), that setting is
-    taken, with a warning, and recorded in the run's config.json."""
+    """(config, tx, abstract train state, saved): the optimizer a run resumes with.
+
+    A run resumes with the optimizer layout its checkpoint holds: when only the other
+    `optim.flatten` setting matches it (a run from before flatten became the default, or one
+    started with the other setting), that setting is taken, with a warning, and recorded in
+    the run's config.json. A flat checkpoint resumed where fsdp splits the parameters (the
+    optimizer is per leaf there, `state.make_optimizer`) is restored flat and cut into the
+    per-leaf state (`saved`: the checkpoint's abstract state; None when no conversion)."""
     tx = state_lib.make_optimizer(config.optim, total_steps, mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
-    if ckpt.layout_matches(abstract) is False:
-        other = config.copy_and_resolve_references()
-        other.optim.flatten = not config.optim.get("flatten", False)
-        other_tx = state_lib.make_optimizer(other.optim, total_steps, mesh)
-        other_abstract = state_lib.abstract_train_state(other, model, other_tx)
-        if ckpt.layout_matches(other_abstract):
-            log.warning(
-                "resuming with optim.flatten=%s, the optimizer layout of the checkpoints in %s",
-                other.optim.flatten,
-                ckpt.directory,
-            )
-            return other, other_tx, other_abstract
-    return config, tx, abstract
+    if ckpt.layout_matches(abstract) is not False:
+        return config, tx, abstract, None
+    other = config.copy_and_resolve_references()
+    other.optim.flatten = not config.optim.get("flatten", False)
+    other_tx = state_lib.make_optimizer(other.optim, total_steps, mesh)
+    other_abstract = state_lib.abstract_train_state(other, model, other_tx)
+    if ckpt.layout_matches(other_abstract):
+        log.warning(
+            "resuming with optim.flatten=%s, the optimizer layout of the checkpoints in %s",
+            other.optim.flatten,
+            ckpt.directory,
+        )
+        return other, other_tx, other_abstract, None
+    flat = config.copy_and_resolve_references()
+    flat.optim.flatten = True
+    # mesh None: the flat layout a replicated (fsdp 1) run saved.
+    flat_abstract = state_lib.abstract_train_state(
+        flat, model, state_lib.make_optimizer(flat.optim, total_steps, None)
+    )
+    if ckpt.layout_matches(flat_abstract):
+        log.warning(
+            "the checkpoints in %s hold a flat optimizer state (fsdp 1); this mesh splits the "
+            "parameters (fsdp %d): the state is cut into per-leaf moments",
+            ckpt.directory,
+            mesh.shape["fsdp"],
+        )
+        return config, tx, abstract, flat_abstract
+    return config, tx, abstract, None  # the restore names the mismatch
 
 
-def _initial_state(config, workdir, model, tx, mesh, abstract, shardings, ckpt):
+def _placed(abstract, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def _initial_state(
+    config, workdir, model, tx, mesh, abstract, shardings, ckpt, saved_abstract=None
+):
     """(state, data_state): the newest checkpoint's (data_state: the input pipeline's position),
     or a fresh state with the pretrained sources of `config.init` merged in (data_state None).
-    The sources are applied only here, at step 0: a resumed run's checkpoint always wins."""
+    The sources are applied only here, at step 0: a resumed run's checkpoint always wins.
+    saved_abstract: the checkpoint's own abstract state when its flat optimizer state is to be
+    cut into `abstract`'s per-leaf one (`_optimizer`)."""
     if ckpt.latest_step() is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        state, data_state = ckpt.restore(target)
+        if saved_abstract is None:
+            state, data_state = ckpt.restore(_placed(abstract, shardings))
+        else:
+            saved_shardings = state_lib.state_shardings(
+                saved_abstract, mesh, config.mesh.fsdp_min_size
+            )
+            saved, data_state = ckpt.restore(_placed(saved_abstract, saved_shardings))
+            by_leaf = jax.jit(
+                lambda opt, params: state_lib.opt_state_by_leaf(opt, abstract.opt_state, params),
+                out_shardings=shardings.opt_state,
+            )
+            # The rest of the state is restored with the shardings it keeps.
+            state = saved.replace(opt_state=by_leaf(saved.opt_state, saved.params))
         # Restored from an older step past damaged newer ones: set those aside so this run
         # can save its steps again (a damaged step would block every save up to it).
         ckpt.set_aside_newer(ckpt.restored_step)
@@ -222,10 +260,10 @@ def train(
         keep=cfg_train.keep_checkpoints,
         best_metric=cfg_train.best_metric if validation else None,
     )
-    config, tx, abstract = _optimizer(config, model, mesh, total_steps, ckpt)
+    config, tx, abstract, saved_abstract = _optimizer(config, model, mesh, total_steps, ckpt)
     shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     state, data_state = _initial_state(
-        config, workdir, model, tx, mesh, abstract, shardings, ckpt
+        config, workdir, model, tx, mesh, abstract, shardings, ckpt, saved_abstract
     )
     # Only now, with the model built and its state created or restored, is the config on record.
     workdir_lib.save_run_metadata(workdir, config, resumed=data_state is not None)
