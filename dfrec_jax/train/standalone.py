@@ -69,7 +69,9 @@ def build_train_step(config, mesh, *, loss_nets=None, total_steps: int | None = 
     tx = state_lib.make_optimizer(config.optim, steps, mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
-    state = state_lib.create_train_state(config, model, jax.random.key(config.seed), mesh, tx)
+    state = state_lib.create_train_state(
+        config, model, jax.random.key(config.seed), mesh, tx, shardings
+    )
     train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
     return model, nets, tx, state, train_step
 

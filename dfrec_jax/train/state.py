@@ -200,15 +200,20 @@ def state_shardings(abstract_state: TrainState, mesh, min_size: int) -> TrainSta
     )
 
 
-def create_train_state(config, model, rng: jax.Array, mesh, tx) -> TrainState:
+def create_train_state(
+    config, model, rng: jax.Array, mesh, tx, shardings: TrainState | None = None
+) -> TrainState:
     """The initial state, computed by one jit whose outputs are already sharded over `mesh`.
 
     rng: a key (typed or raw uint32 data). Params equal `inference.init_variables(model,
-    split(rng)[0])`'s; the state's own rng is split(rng)[1].
+    split(rng)[0])`'s; the state's own rng is split(rng)[1]. shardings: the state's
+    (`state_shardings` of `abstract_train_state`) where the caller has them already, which
+    spares tracing the model once more (seconds for the real configs).
     """
     init = _init_fn(model, tx)
-    abstract = abstract_train_state(config, model, tx)
-    shardings = state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
+    if shardings is None:
+        abstract = abstract_train_state(config, model, tx)
+        shardings = state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
     # The key enters as a host constant: no input array to place, so this is the same call on
     # every process of a multi-host run.
     raw = np.asarray(jax.device_get(_raw_key(rng)))

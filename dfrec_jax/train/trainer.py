@@ -218,7 +218,8 @@ def _initial_state(
         if init_from.enabled(config.get("init")):
             log.info("config.init ignored: the run resumes from its checkpoint")
         return state, data_state
-    state = state_lib.create_train_state(config, model, jax.random.PRNGKey(config.seed), mesh, tx)
+    key = jax.random.PRNGKey(config.seed)
+    state = state_lib.create_train_state(config, model, key, mesh, tx, shardings)
     state, applied = init_from.apply(config, state, mesh)
     init_from.record(workdir, applied)
     return state, None
