@@ -278,7 +278,8 @@ def test_donating_right_after_async_save(tmp_path, replica_parallel):
     ckpt = Checkpointer(str(tmp_path / "run"), save_every=1, keep=1)
     sharding = NamedSharding(_mesh((2, 4)), P("fsdp"))
     slice_floats = checkpoints_lib.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL // 4
-    size = 2 * 4 * slice_floats if replica_parallel else 1 << 16  # 2 shards x 4 replica slices
+    # 4 fsdp shards, each held by 2 data replicas: a replica slice of exactly the threshold.
+    size = 4 * 2 * slice_floats if replica_parallel else 1 << 16
     state = {"w": jax.device_put(jnp.arange(size, dtype=jnp.float32), sharding)}
     expected = np.asarray(state["w"]).copy()
     target = {"w": jax.ShapeDtypeStruct(state["w"].shape, jnp.float32, sharding=sharding)}

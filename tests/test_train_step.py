@@ -650,8 +650,8 @@ def test_a_resume_takes_the_optimizer_layout_of_its_checkpoint(tmp_path):
             current = config.copy_and_resolve_references()
             current.optim.flatten = asked
             ckpt = Checkpointer(directory, save_every=1, keep=1, read_only=True)
-            used, _, abstract, saved = trainer._optimizer(current, model, mesh, 10, ckpt)
-            assert saved is None  # nothing to convert: the checkpoint's layout is taken
+            used, _, abstract, converted = trainer._optimizer(current, model, mesh, 10, ckpt)
+            assert converted is None  # nothing to convert: the checkpoint's layout is taken
             assert used.optim.flatten == saved_flat and current.optim.flatten == asked
             assert ckpt.layout_matches(abstract)
             shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
@@ -662,27 +662,34 @@ def test_a_resume_takes_the_optimizer_layout_of_its_checkpoint(tmp_path):
             _assert_tree_equal(restored.opt_state, state.opt_state)
 
 
-def test_a_flat_checkpoint_resumes_under_fsdp_with_its_moments_cut_per_leaf(tmp_path):
+@pytest.mark.parametrize(
+    "optim", [{}, {"clip_norm": 0.5, "accumulate_steps": 2}], ids=["adamw", "clip_multisteps"]
+)
+def test_a_flat_checkpoint_resumes_under_fsdp_with_its_moments_cut_per_leaf(tmp_path, optim):
     """A run saved flat (fsdp 1, the default optim.flatten) resumed on a mesh whose fsdp
     splits the parameters: the trainer restores the flat state and cuts it into the per-leaf
-    optimizer that fsdp uses, which then makes the same update the flat one would have."""
+    optimizer that fsdp uses, which then makes the same updates the flat one would have
+    (with clipping and gradient accumulation too: their state carries over)."""
     from dfrec_jax.run.checkpoints import Checkpointer
     from dfrec_jax.train import trainer
 
-    model, config = TinyDFREC(), _config()
+    model, config = TinyDFREC(), _config(**optim)
     config.mesh.update(data=8, fsdp=1)
     flat_mesh = sharding.make_mesh(config.mesh)
     flat_tx = state_lib.make_optimizer(config.optim, 10, flat_mesh)
     state = state_lib.create_train_state(config, model, jax.random.key(0), flat_mesh, flat_tx)
     rng = np.random.default_rng(0)
+    every = config.optim.accumulate_steps
 
     def gradients(params):  # distinct values everywhere, so a misplaced element shows
         return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
 
-    # One update first: moments that differ element by element (a fresh state's are zeros).
-    _, opt_state = jax.jit(flat_tx.update)(gradients(state.params), state.opt_state, state.params)
-    state = state.replace(opt_state=opt_state)
-    flat_mu = _adam_state(opt_state).mu
+    # Updates first (one applied step): moments that differ element by element.
+    flat_update = jax.jit(flat_tx.update)
+    for _ in range(every):
+        _, opt_state = flat_update(gradients(state.params), state.opt_state, state.params)
+        state = state.replace(opt_state=opt_state)
+    flat_mu = _adam_state(state.opt_state).mu
     assert flat_mu.ndim == 1 and float(jnp.abs(flat_mu).min()) > 0
     directory = str(tmp_path / "flat")
     with Checkpointer(directory, save_every=1, keep=1) as ckpt:
@@ -707,12 +714,29 @@ def test_a_flat_checkpoint_resumes_under_fsdp_with_its_moments_cut_per_leaf(tmp_
     _assert_tree_equal(restored.params, state.params)
     _, unravel = ravel_pytree(jax.device_get(state.params))
     _assert_tree_equal(_adam_state(restored.opt_state).mu, unravel(np.asarray(flat_mu)))
-    # The next update: per leaf from the converted state equals the flat one's.
-    grads = gradients(state.params)
-    want, _ = jax.jit(flat_tx.update)(grads, state.opt_state, state.params)
-    got, _ = jax.jit(tx.update)(grads, restored.opt_state, restored.params)
-    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-9)
+    # The next updates (an applied one among them): per leaf from the converted state equal
+    # the flat ones.
+    flat_state, leaf_state, leaf_update = state.opt_state, restored.opt_state, jax.jit(tx.update)
+    applied = False
+    for _ in range(every):
+        grads = gradients(state.params)
+        want, flat_state = flat_update(grads, flat_state, state.params)
+        got, leaf_state = leaf_update(grads, leaf_state, restored.params)
+        applied |= any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(want))
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-9)
+    assert applied  # the moments were used, not only accumulated
+
+
+def test_cutting_a_flat_state_names_a_leaf_it_cannot_cut():
+    params = {"a": jnp.ones((2, 3)), "b": jnp.ones((4,))}
+    per_leaf = jax.eval_shape(optax.adam(1e-3).init, params)
+    flat = optax.flatten(optax.adam(1e-3)).init(params)
+    cut = state_lib.opt_state_by_leaf(flat, per_leaf, params)
+    assert jax.tree.structure(cut) == jax.tree.structure(per_leaf)
+    short = jax.tree.map(lambda x: x[:-1] if x.ndim == 1 else x, flat)  # one element missing
+    with pytest.raises(ValueError, match=r"does not cut into the per-leaf one at .*mu"):
+        state_lib.opt_state_by_leaf(short, per_leaf, params)
 
 
 def _adam_state(opt_state) -> optax.ScaleByAdamState:

@@ -109,26 +109,34 @@ def opt_state_by_leaf(flat_opt_state, abstract_opt_state, params):
     """`optax.flatten(tx)`'s state as `tx`'s own, leaf by leaf (`abstract_opt_state`: the
     per-leaf state's structure, shapes and dtypes).
 
-    Every vector of all parameters concatenated (optax.flatten's order: jax.tree.leaves of
-    the parameters, each raveled) is cut back into parameter-shaped leaves; the other leaves
-    (counts, injected hyperparameters, MultiSteps' accumulators) carry over. The same values:
-    a flat run resumed where fsdp splits its parameters (make_optimizer keeps the optimizer
-    per leaf there) continues with its moments."""
-    leaves = jax.tree.leaves(params)
-    total = sum(int(np.prod(x.shape)) for x in leaves)
-    offsets = np.cumsum([int(np.prod(x.shape)) for x in leaves])[:-1]
-    out = []
-    for x in jax.tree.leaves(flat_opt_state):
-        if x.ndim == 1 and x.shape[0] == total:
-            out += [part.reshape(p.shape) for part, p in zip(jnp.split(x, offsets), leaves)]
-        else:
+    Matched by key path: a flat leaf where the per-leaf state holds a parameter-shaped subtree
+    (AdamW's mu and nu) is cut back into that subtree's leaves (optax.flatten's order:
+    jax.tree.leaves of the parameters, each raveled; each part cast to its leaf's dtype, as
+    the concatenation promoted them); a leaf with the same path on both sides (counts,
+    injected hyperparameters, MultiSteps' accumulators) carries over. The same values: a flat
+    run resumed where fsdp splits its parameters (make_optimizer keeps the optimizer per leaf
+    there) continues with its moments."""
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(params)]
+    offsets = np.cumsum(sizes)[:-1]
+    want = jax.tree.leaves_with_path(abstract_opt_state)
+    out, i = [], 0
+    for path, x in jax.tree.leaves_with_path(flat_opt_state):
+        if i < len(want) and want[i][0] == path:
             out.append(x)
-    want = jax.tree.leaves(abstract_opt_state)
-    if [(x.shape, x.dtype) for x in out] != [(x.shape, x.dtype) for x in want]:
-        raise ValueError(
-            "the flat optimizer state does not cut into the per-leaf one: "
-            f"{len(out)} leaves from the flat state, {len(want)} wanted"
-        )
+            i += 1
+            continue
+        group = want[i : i + len(sizes)]
+        inside = all(len(p) > len(path) and p[: len(path)] == path for p, _ in group)
+        if len(group) != len(sizes) or not inside or x.shape != (sum(sizes),):
+            raise ValueError(
+                f"the flat optimizer state does not cut into the per-leaf one at "
+                f"{jax.tree_util.keystr(path)} (shape {x.shape})"
+            )
+        parts = jnp.split(x, offsets)
+        out += [part.reshape(w.shape).astype(w.dtype) for part, (_, w) in zip(parts, group)]
+        i += len(sizes)
+    if i != len(want):
+        raise ValueError(f"the flat optimizer state lacks {jax.tree_util.keystr(want[i][0])}")
     return jax.tree.structure(abstract_opt_state).unflatten(out)
 
 

@@ -155,6 +155,8 @@ def _optimizer(config, model, mesh, total_steps: int, ckpt):
     abstract = state_lib.abstract_train_state(config, model, tx)
     if ckpt.layout_matches(abstract) is not False:
         return config, tx, abstract, None
+    if mesh.shape.get("fsdp", 1) > 1:  # per leaf whatever optim.flatten says: only flat differs
+        return _from_flat(config, model, mesh, total_steps, ckpt, tx, abstract)
     other = config.copy_and_resolve_references()
     other.optim.flatten = not config.optim.get("flatten", False)
     other_tx = state_lib.make_optimizer(other.optim, total_steps, mesh)
@@ -166,6 +168,12 @@ def _optimizer(config, model, mesh, total_steps: int, ckpt):
             ckpt.directory,
         )
         return other, other_tx, other_abstract, None
+    return config, tx, abstract, None  # the restore names the mismatch
+
+
+def _from_flat(config, model, mesh, total_steps: int, ckpt, tx, abstract):
+    """_optimizer's result under fsdp: the checkpoint's flat abstract state as `saved` when
+    it holds optax.flatten's layout (a run saved at fsdp 1)."""
     flat = config.copy_and_resolve_references()
     flat.optim.flatten = True
     # mesh None: the flat layout a replicated (fsdp 1) run saved.
