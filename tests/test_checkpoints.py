@@ -554,6 +554,9 @@ def test_missing_metadata_file_reads_right_or_falls_back(tmp_path, capsys):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), _variables(0)
     )
     with Checkpointer(directory, save_every=1, keep=3, read_only=True) as ckpt:
+        # The layout check reads step 1's metadata instead (what a fallback would restore).
+        assert ckpt.layout_matches(abstract) is True
+        assert ckpt.layout_matches(dict(abstract, extra=abstract["opt"])) is False
         variables = ckpt.restore_variables({k: abstract[k] for k in ("params", "batch_stats")})
         np.testing.assert_array_equal(variables["params"]["w"], float(ckpt.restored_step))
         state, _ = ckpt.restore(abstract)

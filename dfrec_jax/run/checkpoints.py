@@ -434,13 +434,15 @@ class Checkpointer:
         return {_path_name(p): tuple(x.shape) for p, x in _leaves(saved_tree)}
 
     def layout_matches(self, abstract_state: Any) -> bool | None:
-        """Whether the newest checkpoint holds exactly `abstract_state`'s leaves and shapes
-        (None: no checkpoint, or its metadata unreadable)."""
-        step = self.latest_step()
-        got = None if step is None else self._saved_shapes(step)
-        if got is None:
-            return None
-        return got == {_path_name(p): _stored_shape(x) for p, x in _leaves(abstract_state)}
+        """Whether the newest checkpoint with readable metadata holds exactly
+        `abstract_state`'s leaves and shapes (None: no checkpoint's metadata reads). An older
+        step answers when the newest one's metadata is damaged, as a restore falls back to it."""
+        for step in reversed(self.all_steps()):
+            got = self._saved_shapes(step)
+            if got is not None:
+                want = {_path_name(p): _stored_shape(x) for p, x in _leaves(abstract_state)}
+                return got == want
+        return None
 
     def _check_shapes(self, step: int, target: Any, partial: bool = False) -> None:
         """Name the leaves whose saved shape differs from the target's, and the leaves only one
