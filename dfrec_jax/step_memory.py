@@ -96,9 +96,7 @@ def measure(config, batch_sizes, fsdp_sizes, *, loss_nets=None) -> list[dict]:
         abstract = state_lib.abstract_train_state(config, model, tx)
         shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
         step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
-        state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
+        state = sharding_lib.placed(abstract, shardings)
         for batch_size in batch_sizes:
             if batch_size % len(devices):
                 raise ValueError(f"batch {batch_size} does not split over {len(devices)} devices")

@@ -440,8 +440,7 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             got = self._saved_shapes(step)
             if got is not None:
-                want = {_path_name(p): _stored_shape(x) for p, x in _leaves(abstract_state)}
-                return got == want
+                return got == _shapes(abstract_state)
         return None
 
     def _check_shapes(self, step: int, target: Any, partial: bool = False) -> None:
@@ -451,7 +450,7 @@ class Checkpointer:
         got = self._saved_shapes(step)
         if got is None:
             return
-        want = {_path_name(p): _stored_shape(x) for p, x in _leaves(target)}
+        want = _shapes(target)
         problems = [
             f"{k}: checkpoint shape {got[k]}, target shape {want[k]}"
             for k in sorted(got.keys() & want.keys())
@@ -499,6 +498,11 @@ def _restore_args(target: Any) -> Any:
     """Each leaf read as its target says: jax.Arrays in their sharding (what StandardRestore
     builds)."""
     return ocp.checkpoint_utils.construct_restore_args(target)
+
+
+def _shapes(tree: Any) -> dict:
+    """Leaf name -> the shape its checkpoint entry has (as `_saved_shapes` reads them)."""
+    return {_path_name(p): _stored_shape(x) for p, x in _leaves(tree)}
 
 
 def _path_name(path: tuple) -> str:

@@ -197,10 +197,8 @@ def _restore_run(run_dir: str, mesh, min_size: int) -> tuple[dict, int]:
     abstract = inference.abstract_variables(inference.build_model(source))
     rep = sharding_lib.replicated(mesh)
     target = {
-        "params": jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract["params"],
-            sharding_lib.tree_shardings(abstract["params"], mesh, min_size),
+        "params": sharding_lib.placed(
+            abstract["params"], sharding_lib.tree_shardings(abstract["params"], mesh, min_size)
         ),
         "batch_stats": jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract["batch_stats"]

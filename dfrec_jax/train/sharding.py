@@ -17,7 +17,15 @@ from jax.sharding import PartitionSpec as P
 
 from dfrec_jax.batch import batch_sharding
 
-__all__ = ["AXES", "batch_sharding", "fsdp_spec", "make_mesh", "replicated", "tree_shardings"]
+__all__ = [
+    "AXES",
+    "batch_sharding",
+    "fsdp_spec",
+    "make_mesh",
+    "placed",
+    "replicated",
+    "tree_shardings",
+]
 
 AXES = ("data", "fsdp")
 
@@ -88,3 +96,11 @@ def tree_shardings(tree, mesh: Mesh, min_size: int):
     """NamedSharding per leaf of `tree` (arrays or jax.ShapeDtypeStruct) by `fsdp_spec`;
     scalars and non-float leaves replicated."""
     return jax.tree.map(lambda leaf: _leaf_sharding(leaf, mesh, min_size), tree)
+
+
+def placed(abstract, shardings):
+    """`abstract`'s leaves as jax.ShapeDtypeStructs carrying the matching leaf of `shardings`
+    (restore targets, ahead-of-time lowering)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )

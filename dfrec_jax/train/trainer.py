@@ -191,12 +191,6 @@ def _from_flat(config, model, mesh, total_steps: int, ckpt, tx, abstract):
     return config, tx, abstract, None  # the restore names the mismatch
 
 
-def _placed(abstract, shardings):
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-
-
 def _initial_state(
     config, workdir, model, tx, mesh, abstract, shardings, ckpt, saved_abstract=None
 ):
@@ -207,12 +201,12 @@ def _initial_state(
     cut into `abstract`'s per-leaf one (`_optimizer`)."""
     if ckpt.latest_step() is not None:
         if saved_abstract is None:
-            state, data_state = ckpt.restore(_placed(abstract, shardings))
+            state, data_state = ckpt.restore(sharding.placed(abstract, shardings))
         else:
             saved_shardings = state_lib.state_shardings(
                 saved_abstract, mesh, config.mesh.fsdp_min_size
             )
-            saved, data_state = ckpt.restore(_placed(saved_abstract, saved_shardings))
+            saved, data_state = ckpt.restore(sharding.placed(saved_abstract, saved_shardings))
             by_leaf = jax.jit(
                 lambda opt, params: state_lib.opt_state_by_leaf(opt, abstract.opt_state, params),
                 out_shardings=shardings.opt_state,
