@@ -13,6 +13,7 @@ import pytest
 
 from dfrec_jax.models.efficientnet import EfficientNetB0
 from dfrec_jax.models.ism import ISM
+from tests import tiny
 
 
 def _init_shapes(model, size, batch=1):
@@ -21,24 +22,10 @@ def _init_shapes(model, size, batch=1):
 
 
 def _numpy_variables(model, size=16, seed=0):
-    """Variables with exactly init's tree and dtypes, filled by numpy.
-
-    Compiling flax's ~300 random initialisers costs ~20 s of XLA time on CPU
-    (the ISM forward itself ~3 s), so tests fill fan-in-scaled normals instead.
-    """
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name in ("scale", "var"):
-            value = np.ones(leaf.shape)
-        elif name in ("bias", "mean"):
-            value = np.zeros(leaf.shape)
-        else:  # conv kernel HWIO (depthwise: I == 1) or dense kernel IO
-            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, _init_shapes(model, size))
+    """Variables with exactly init's tree and dtypes, filled by numpy (tests/tiny.host_values):
+    compiling flax's ~300 random initialisers costs ~20 s of XLA time on CPU (the ISM
+    forward itself ~3 s)."""
+    return tiny.host_values(_init_shapes(model, size), seed)
 
 
 def _num_params(tree):

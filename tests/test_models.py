@@ -16,15 +16,17 @@ from configs import demo as demo_config
 from configs import official as official_config
 from dfrec_jax import inference, masking
 from dfrec_jax.models import DFREC, ViTEncoder
+from tests import tiny
 from tests.lfw import real_faces
+
+# Weights come from tiny.model_variables (numpy): compiling init's random initialisers would
+# cost more than the tests (init itself: tests/test_train_step.py).
 
 
 @pytest.fixture(scope="module")
 def demo():
-    config = demo_config.get_config()
-    model = inference.build_model(config)
-    variables = inference.init_variables(model, jax.random.key(0))
-    return model, variables
+    model = inference.build_model(demo_config.get_config())
+    return model, tiny.model_variables(model)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "train"))
@@ -84,10 +86,8 @@ def test_target_is_visible_input_patches_plus_predictions(demo):
 def tiny_model():
     """The tiny model (tests/tiny.py: every module of the demo's, narrower, 32 px): for what is
     structural (masking rule, sharding), not size-dependent."""
-    from tests import tiny
-
     model = inference.build_model(tiny.tiny_config())
-    return model, inference.init_variables(model, jax.random.key(0))
+    return model, tiny.model_variables(model)
 
 
 def test_masking_rng_determinism_and_train_mode(tiny_model):
@@ -242,9 +242,9 @@ def test_vit_b16_and_l16_encoder_param_counts():
 def test_demo_variants_run(arg):
     config = demo_config.get_config(arg)
     model = inference.build_model(config)
-    variables = inference.init_variables(model, jax.random.key(0))
-    for leaf in jax.tree.leaves(variables["params"]):
+    for leaf in jax.tree.leaves(inference.abstract_variables(model)["params"]):
         assert leaf.dtype == jnp.float32  # bf16 is compute only
+    variables = tiny.model_variables(model)
     out = _apply(model, variables, real_faces(2))
     check_contract(out, 2, 112, 8, 0.5)
     chex.assert_tree_all_finite(out)
@@ -266,7 +266,7 @@ def test_tiny_variants_run(option):
         config.model.masking_variant = value
         config.model.sirm.gate = value
     model = inference.build_model(config)
-    variables = inference.init_variables(model, jax.random.key(0))
+    variables = tiny.model_variables(model)
     size = config.model.image_size
     out = _apply(model, variables, real_faces(2, size))
     check_contract(out, 2, size, config.model.patch_size, config.model.mask_ratio)

@@ -203,7 +203,7 @@ def tiny_dfrec_runs():
         config.model.dtype = "float32"
         model = inference.build_model(config)
         if variables is None:
-            variables = inference.init_variables(model, jax.random.key(0))
+            variables = tiny.model_variables(model)
         calls, seen = [], {}
 
         def recording(seg, rng, _calls=calls, _seen=seen, **kw):

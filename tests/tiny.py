@@ -8,6 +8,7 @@ perceptual maps, an attribute vector) with fixed random weights.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from configs import default, demo
 from dfrec_jax import losses
@@ -129,10 +130,42 @@ def write_lfw_tree(destination, people_per_split=(10, 4, 2), images_per_person=2
     raise AssertionError(f"not enough LFW people with {images_per_person} images: {wanted}")
 
 
+def host_values(abstract, seed: int = 0):
+    """Values for a tree of abstract variables (jax.ShapeDtypeStruct leaves), filled by numpy
+    the way initialisers fill them: ones for norm scales and running variances, zeros for
+    biases and running means, fan-in-scaled normals for kernels and everything else.
+
+    Compiling flax's random initialisers is the costly part of building a model on CPU (XLA
+    time: ~9 s for the tiny DFREC, ~16 s for the demo's, hundreds of inlined threefry hashes);
+    tests that need some weights rather than init's own use these. `inference.init_variables`
+    and `create_train_state` themselves are tested in tests/test_train_step.py.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if name in ("scale", "var"):
+            value = np.ones(leaf.shape)
+        elif name in ("bias", "mean"):
+            value = np.zeros(leaf.shape)
+        else:  # conv kernels HWIO (depthwise: I == 1), dense kernels IO, embeddings, tokens
+            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def model_variables(model, seed: int = 0):
+    """`host_values` for a DFREC's variables (params + batch_stats), in init's tree and dtypes."""
+    from dfrec_jax import inference
+
+    return host_values(inference.abstract_variables(model), seed)
+
+
 def make_workdir(workdir, config=None, step: int = 3, seed: int = 0) -> str:
     """A `train`-style run folder (config.json, config_hash.txt, versions.json, one orbax
-    checkpoint at `step`) holding a randomly initialised tiny model: what eval / recover /
-    export read, without training. Returns the folder."""
+    checkpoint at `step`) holding a tiny model with `model_variables` weights and a fresh
+    optimizer state: what eval / recover / export read, without training. Returns the folder."""
     import os
 
     from dfrec_jax import inference
@@ -146,8 +179,20 @@ def make_workdir(workdir, config=None, step: int = 3, seed: int = 0) -> str:
     model = inference.build_model(config)
     mesh = sharding.make_mesh(config.mesh)
     tx = state.make_optimizer(config.optim, config.train.steps, mesh)
-    train_state = state.create_train_state(config, model, jax.random.PRNGKey(seed), mesh, tx)
-    train_state = train_state.replace(step=jnp.asarray(step, jnp.int32))
+    abstract = state.abstract_train_state(config, model, tx)
+    variables = model_variables(model, seed)
+    train_state = state.TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=jax.jit(tx.init)(variables["params"]),
+        rng=jnp.asarray(np.random.default_rng(seed).integers(0, 2**32, 2), jnp.uint32),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+        nonfinite_total=jnp.zeros((), jnp.int32),
+    )
+    assert jax.tree.structure(train_state) == jax.tree.structure(abstract)
+    shardings = state.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
+    train_state = jax.device_put(train_state, shardings)
     with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=2) as c:
         c.save(step, train_state, {"next_batch": step}, force=True)
         c.wait()
