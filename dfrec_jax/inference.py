@@ -97,5 +97,19 @@ def float32_outputs(outputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def make_predict(model: DFREC, seed: int):
-    """jit(variables, images) -> `apply_per_image(model, variables, images, seed)`."""
+    """jit(variables, images) -> `apply_per_image(model, variables, images, seed)`.
+
+    One jitted function per (model, seed) in a process: models compare by their fields, so
+    every load of the same config (checkpoints of one run, a sweep's evaluations, the trainer's
+    validation and image grids) shares one trace and one compiled program per input shape."""
+    try:
+        return _cached_predict(model, seed)
+    except TypeError:  # a module with an unhashable field (built by hand): a jit of its own
+        return _predict(model, seed)
+
+
+def _predict(model: DFREC, seed: int):
     return jax.jit(functools.partial(apply_per_image, model, seed=seed))
+
+
+_cached_predict = functools.lru_cache(maxsize=8)(_predict)

@@ -36,6 +36,13 @@ def test_checkpoint_folder_equals_workdir_and_predict_is_deterministic(run_dir):
     a = trained.load(workdir=run_dir)
     b = trained.load(checkpoint=os.path.join(run_dir, "checkpoints"))
     assert a.params_sha256 == b.params_sha256 and a.step == b.step
+    # Two loads of one run (its config read back from JSON) build equal, hashable models and
+    # share one jitted predict: one trace and one compile per input shape in a process.
+    assert a.model == b.model and hash(a.model) == hash(b.model)
+    assert inference.make_predict(a.model, 0) is inference.make_predict(b.model, 0)
+    assert inference.make_predict(a.model, 0) is not inference.make_predict(a.model, 1)
+    by_hand = a.model.clone(ism=a.model.ism.clone(atrous_rates=[1, 2, 3]))  # a list: unhashable
+    assert inference.make_predict(by_hand, 0) is not inference.make_predict(by_hand, 0)
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     out_a, out_b = jax.device_get(a.predict(images)), jax.device_get(b.predict(images))
     assert set(out_a) == set(inference.OUTPUT_KEYS)

@@ -102,15 +102,15 @@ class DFREC(nn.Module):
         if dtype is None:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {cfg['dtype']!r}")
         kw = dict(dtype=dtype, param_dtype=jnp.float32)
-        sirm_cfg = dict(cfg["sirm"])
+        sirm_cfg = _hashable(cfg["sirm"])
         sirm_cfg["identity_tokens"] = identity_tokens(cfg)
         try:
-            ism = ISM(**dict(cfg["ism"]), **kw)
+            ism = ISM(**_hashable(cfg["ism"]), **kw)
             sirm = SIRM(**sirm_cfg, **kw)
             tirm = TIRM(
                 image_size=cfg["image_size"],
                 patch_size=cfg["patch_size"],
-                **dict(cfg["tirm"]),
+                **_hashable(cfg["tirm"]),
                 **kw,
             )
         except TypeError as e:  # unknown or missing hyperparameter: say which block
@@ -125,3 +125,9 @@ class DFREC(nn.Module):
             tirm=tirm,
             masking_threshold=cfg.get("masking_threshold", "fixed"),
         )
+
+
+def _hashable(block: Mapping[str, Any]) -> dict[str, Any]:
+    """A config block's fields with lists as tuples (a config read back from JSON holds lists),
+    so equal configs build equal, hashable modules (`inference.make_predict` caches on them)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(block).items()}
