@@ -12,6 +12,7 @@ import numpy as np
 
 from dfrec_jax import inference, timing
 from dfrec_jax import loss_nets as loss_nets_lib
+from dfrec_jax.train import sharding as sharding_lib
 from dfrec_jax.train import state as state_lib
 from dfrec_jax.train import step as step_lib
 
@@ -58,10 +59,14 @@ def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]
     return out
 
 
-def build_train_step(config, mesh, *, loss_nets=None, total_steps: int | None = None):
+def build_train_step(
+    config, mesh, *, loss_nets=None, total_steps: int | None = None, initialise: bool = True
+):
     """The real sharded train step of `config` on `mesh` and its fresh state, as `train` builds
     them: (model, loss nets, optimizer, state, jitted step). `loss_nets`: None = the real frozen
-    networks of config.loss; `total_steps`: the schedule's length (None = config.train.steps)."""
+    networks of config.loss; `total_steps`: the schedule's length (None = config.train.steps);
+    `initialise=False`: the state as abstract leaves carrying their shardings, enough to lower
+    or compile the step (init's own compile is skipped: seconds to a minute on CPU)."""
     model = inference.build_model(config)
     nets = loss_nets if loss_nets is not None else loss_nets_lib.build_loss_nets(config.loss)
     weights = loss_nets_lib.loss_weights(config.loss)
@@ -69,9 +74,12 @@ def build_train_step(config, mesh, *, loss_nets=None, total_steps: int | None = 
     tx = state_lib.make_optimizer(config.optim, steps, mesh)
     abstract = state_lib.abstract_train_state(config, model, tx)
     shardings = state_lib.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
-    state = state_lib.create_train_state(
-        config, model, jax.random.key(config.seed), mesh, tx, shardings
-    )
+    if initialise:
+        state = state_lib.create_train_state(
+            config, model, jax.random.key(config.seed), mesh, tx, shardings
+        )
+    else:
+        state = sharding_lib.placed(abstract, shardings)
     train_step = step_lib.make_train_step(model, nets, weights, tx, mesh, shardings)
     return model, nets, tx, state, train_step
 
