@@ -92,7 +92,8 @@ def no_network():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny `train`-style run folder (tests/tiny.make_workdir, step 3) shared by the tests
-    that only read a run (trained, recover, export): building it costs ~30 s each time.
+    that only read a run (trained, recover, export), built once per worker (a model trace and
+    an orbax save: seconds).
     Tests must not write into it (copy it first)."""
     from tests import tiny
 

@@ -173,7 +173,7 @@ def test_ism_bf16_compute():
     model = ISM(dtype=jnp.bfloat16, **tiny.tiny_config().model.ism)
     shapes = _init_shapes(model, 64)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
-    variables = _numpy_variables(model)
+    variables = tiny.host_values(shapes)
     images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
     out, _ = jax.jit(
         lambda v, x: model.apply(

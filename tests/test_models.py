@@ -233,10 +233,10 @@ def test_vit_b16_and_l16_encoder_param_counts():
 @pytest.mark.parametrize(
     "arg",
     [
-        # ~17 s each at demo size; tiny models cover both options in the default suite.
+        # ~11-17 s each at demo size; tiny models cover the options in the default suite.
         pytest.param("fusion=sequence", marks=pytest.mark.slow),
         pytest.param("variant=official", marks=pytest.mark.slow),
-        "dtype=bfloat16",
+        pytest.param("dtype=bfloat16", marks=pytest.mark.slow),
     ],
 )
 def test_demo_variants_run(arg):
@@ -251,26 +251,29 @@ def test_demo_variants_run(arg):
     assert 0.0 <= float(out["target"].min()) and float(out["target"].max()) <= 1.0
 
 
-@pytest.mark.parametrize("option", ["fusion=sequence"])  # official: tests/test_wrong_step.py
+@pytest.mark.parametrize("option", ["fusion=sequence", "dtype=bfloat16"])
 def test_tiny_variants_run(option):
     """The demo variants' options on the tiny model (demo-size runs are marked slow; the
     official masking variant runs on the tiny model in tests/test_wrong_step.py)."""
-    from tests import tiny
-
     config = tiny.tiny_config()
     key, value = option.split("=")
     if key == "fusion":
         config.model.tirm.fusion = value
         config.model.sirm.identity_tokens = 16
+    elif key == "dtype":
+        config.model.dtype = value
     else:
         config.model.masking_variant = value
         config.model.sirm.gate = value
     model = inference.build_model(config)
     variables = tiny.model_variables(model)
+    for leaf in jax.tree.leaves(variables["params"]):
+        assert leaf.dtype == jnp.float32  # bf16 is compute only
     size = config.model.image_size
     out = _apply(model, variables, real_faces(2, size))
     check_contract(out, 2, size, config.model.patch_size, config.model.mask_ratio)
     chex.assert_tree_all_finite(out)
+    assert 0.0 <= float(out["target"].min()) and float(out["target"].max()) <= 1.0
 
 
 def test_bad_inputs_and_configs_fail_clearly(demo):

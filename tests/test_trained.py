@@ -39,6 +39,9 @@ def test_checkpoint_folder_equals_workdir_and_predict_is_deterministic(run_dir):
     # Two loads of one run (its config read back from JSON) build equal, hashable models and
     # share one jitted predict: one trace and one compile per input shape in a process.
     assert a.model == b.model and hash(a.model) == hash(b.model)
+    in_memory = inference.build_model(tiny.tiny_config())  # the config the run was saved from
+    assert a.model == in_memory
+    assert inference.make_predict(in_memory, 0) is inference.make_predict(a.model, 0)
     assert inference.make_predict(a.model, 0) is inference.make_predict(b.model, 0)
     assert inference.make_predict(a.model, 0) is not inference.make_predict(a.model, 1)
     by_hand = a.model.clone(ism=a.model.ism.clone(atrous_rates=[1, 2, 3]))  # a list: unhashable

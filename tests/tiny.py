@@ -133,7 +133,8 @@ def write_lfw_tree(destination, people_per_split=(10, 4, 2), images_per_person=2
 def host_values(abstract, seed: int = 0):
     """Values for a tree of abstract variables (jax.ShapeDtypeStruct leaves), filled by numpy
     the way initialisers fill them: ones for norm scales and running variances, zeros for
-    biases and running means, fan-in-scaled normals for kernels and everything else.
+    biases and running means, fan-in-scaled normals for kernels and everything else (a learned
+    masking threshold, init 250, included: not for tests of `masking_threshold="learned"`).
 
     Compiling flax's random initialisers is the costly part of building a model on CPU (XLA
     time: ~9 s for the tiny DFREC, ~16 s for the demo's, hundreds of inlined threefry hashes);
@@ -186,11 +187,15 @@ def make_workdir(workdir, config=None, step: int = 3, seed: int = 0) -> str:
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         opt_state=jax.jit(tx.init)(variables["params"]),
-        rng=jnp.asarray(np.random.default_rng(seed).integers(0, 2**32, 2), jnp.uint32),
+        rng=jnp.asarray(
+            np.random.default_rng(seed).integers(0, 2**32, abstract.rng.shape), abstract.rng.dtype
+        ),
         nonfinite_streak=jnp.zeros((), jnp.int32),
         nonfinite_total=jnp.zeros((), jnp.int32),
     )
     assert jax.tree.structure(train_state) == jax.tree.structure(abstract)
+    for leaf, want in zip(jax.tree.leaves(train_state), jax.tree.leaves(abstract)):
+        assert (leaf.shape, leaf.dtype) == (want.shape, want.dtype), (leaf, want)
     shardings = state.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
     train_state = jax.device_put(train_state, shardings)
     with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=2) as c:
