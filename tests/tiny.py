@@ -165,7 +165,7 @@ def model_variables(model, seed: int = 0):
 
 def make_workdir(workdir, config=None, step: int = 3, seed: int = 0) -> str:
     """A `train`-style run folder (config.json, config_hash.txt, versions.json, one orbax
-    checkpoint at `step`) holding a tiny model with `model_variables` weights and a fresh
+    checkpoint at `step`) holding a tiny model with `host_values` weights and a fresh
     optimizer state: what eval / recover / export read, without training. Returns the folder."""
     import os
 
@@ -181,11 +181,12 @@ def make_workdir(workdir, config=None, step: int = 3, seed: int = 0) -> str:
     mesh = sharding.make_mesh(config.mesh)
     tx = state.make_optimizer(config.optim, config.train.steps, mesh)
     abstract = state.abstract_train_state(config, model, tx)
-    variables = model_variables(model, seed)
+    # The state's own abstract variables: the model is traced once, not again for its weights.
+    variables = host_values({"params": abstract.params, "batch_stats": abstract.batch_stats}, seed)
     train_state = state.TrainState(
         step=jnp.asarray(step, jnp.int32),
         params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=variables["batch_stats"],
         opt_state=jax.jit(tx.init)(variables["params"]),
         rng=jnp.asarray(
             np.random.default_rng(seed).integers(0, 2**32, abstract.rng.shape), abstract.rng.dtype
