@@ -81,6 +81,13 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
 
+def pytest_collection_finish(session):
+    """Every test module is imported: what is alive now stays for the session (gc_policy)."""
+    from dfrec_jax.run import gc_policy
+
+    gc_policy.collect_less()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def no_network():
     """The library must never download anything: every test runs with IP networking cut."""

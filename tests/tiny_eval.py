@@ -116,8 +116,9 @@ def main():
     jax.config.update("jax_num_cpu_devices", args.devices)
 
     from dfrec_jax.eval import runner
-    from dfrec_jax.run import multihost
+    from dfrec_jax.run import gc_policy, multihost
 
+    gc_policy.collect_less()
     cfg = config(args.lfw_dir, args.data_dir)
     multihost.initialize(cfg.mesh.distributed)  # before the nets touch a device
     nets = eval_nets(landmark_template(cfg))

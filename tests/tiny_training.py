@@ -42,9 +42,11 @@ def main():
     if args.emulate_processes:
         _emulate_processes(args.emulate_processes)
 
-    from dfrec_jax.run import multihost
+    from dfrec_jax.run import gc_policy, multihost
     from dfrec_jax.train import trainer
     from tests import tiny
+
+    gc_policy.collect_less()
 
     config = tiny.tiny_config()
     config.data.update(lfw_dir=args.lfw_dir, data_dir=args.data_dir)
