@@ -296,7 +296,7 @@ def quiet_library_logs() -> None:
 
 def main(argv):
     quiet_library_logs()
-    gc_policy.collect_less()  # ~10% of a start's CPU went to full GC passes over the imports
+    gc_policy.collect_less()  # full GC passes over the imported heap: see run/gc_policy.py
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m dfrec_jax {{{'|'.join(COMMANDS)}}} --config FILE")
     command = argv[1]
