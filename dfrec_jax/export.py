@@ -35,6 +35,7 @@ import numpy as np
 from dfrec_jax import inference
 from dfrec_jax import trained as trained_lib
 from dfrec_jax.exported import file_sha256
+from dfrec_jax.models import layers
 from dfrec_jax.run import workdir as workdir_lib
 
 # Platform names jax.export lowers for (the CLI's "gpu" is not one: say cuda or rocm).
@@ -79,7 +80,8 @@ def export_model(trained, platforms=("cpu", "cuda")) -> jax.export.Exported:
     model, seed = trained.model, int(trained.config.seed)
     function = inference.make_predict(model, seed)
     try:
-        return jax.export.export(function, platforms=platforms)(variables, images)
+        with layers.several_platforms(True):  # each platform's own convolutions
+            return jax.export.export(function, platforms=platforms)(variables, images)
     except Exception as e:  # noqa: BLE001 - shape-polymorphism / lowering errors, for people
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"export: lowering for {', '.join(platforms)} failed: {first}") from None

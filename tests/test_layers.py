@@ -59,13 +59,9 @@ def test_depthwise_rejects_a_wrong_kernel_and_impl():
 def test_auto_lowers_the_grouped_conv_for_gpu_and_the_slices_for_cpu():
     x = jnp.zeros((1, 8, 8, 4))
     w = jnp.zeros((3, 3, 1, 4))
-
-    def hlo(platform):
-        f = jax.jit(lambda x, w: layers.depthwise_conv(x, w))
-        return jax.export.export(f, platforms=(platform,))(x, w).mlir_module()
-
-    assert "convolution" in hlo("cuda")
-    assert "convolution" not in hlo("cpu")
+    depthwise = lambda x, w: layers.depthwise_conv(x, w)  # noqa: E731
+    assert "convolution" in _lowered(depthwise, "cuda", x, w)
+    assert "convolution" not in _lowered(depthwise, "cpu", x, w)
     np.testing.assert_allclose(
         layers.depthwise_conv(x + 1, w + 1), layers.depthwise_conv(x + 1, w + 1, impl="xla")
     )
@@ -100,7 +96,33 @@ def test_pointwise_matmul_equals_lax_conv_values_and_gradients(size, strides, pa
 
 
 def _lowered(fn, platform, *args):
-    return jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+    with layers.several_platforms(True):  # as `export` lowers
+        return jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+
+
+def test_one_platform_traces_one_implementation_several_trace_both():
+    """Outside an export the CPU-only implementations are picked when tracing, for the default
+    backend (here CPU): one branch traced, no platform switch; an export traces both, and the
+    choice is part of jit's cache key (the same jitted function is traced again)."""
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
+    pointwise = jnp.ones((1, 1, 4, 3))
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def both(x, w, pointwise):
+        y = layers.depthwise_conv(x, w)
+        return layers.conv_general_dilated(y, pointwise, (1, 1), "SAME", dimension_numbers=dims)
+
+    loss = jax.jit(lambda x, w, p: jnp.sum(both(x, w, p) ** 2))
+    grads = jax.jit(jax.grad(lambda x, w, p: jnp.sum(both(x, w, p) ** 2), argnums=(1, 2)))
+    assert jax.default_backend() == "cpu"
+    one = str(jax.make_jaxpr(grads)(x, w, pointwise))
+    assert "platform_index" not in one and "cond" not in one
+    assert "conv_general_dilated" not in one  # the slices and the matmul only
+    with layers.several_platforms(True):
+        several = str(jax.make_jaxpr(grads)(x, w, pointwise))
+        value = loss(x, w, pointwise)
+    assert "platform_index" in several and "conv_general_dilated" in several
+    np.testing.assert_allclose(value, loss(x, w, pointwise), rtol=1e-6)
 
 
 def test_pointwise_runs_as_a_matmul_on_cpu_and_as_a_conv_elsewhere():

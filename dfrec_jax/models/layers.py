@@ -38,6 +38,21 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], align_corners: bool = F
 # lax's layout names for NHWC inputs, HWIO kernels, NHWC outputs (what every conv here uses).
 _NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
+# True while a program for several platforms is traced (`export`): the CPU-only implementations
+# below are then chosen per platform at lowering (`lax.platform_dependent`, which traces both
+# and, under a gradient, linearises both). Otherwise they are chosen at trace time for JAX's
+# default backend, the platform a jitted function runs on unless told otherwise: tracing and
+# lowering the demo train step took 17.5 -> ~11 s on 2 Xeon cores. A jit-cache-sensitive
+# context, so a trace made one way is never reused the other.
+several_platforms = jax.make_user_context(default_value=False)
+
+
+def _per_platform(*args, cpu, default):
+    """cpu(*args) on CPU, default(*args) elsewhere (see `several_platforms`)."""
+    if several_platforms.value:
+        return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+    return (cpu if jax.default_backend() == "cpu" else default)(*args)
+
 
 def conv_general_dilated(
     lhs,
@@ -61,7 +76,7 @@ def conv_general_dilated(
     EfficientNet's MBConvs, FaceNet's Inception-ResNet blocks and Inception v3, so on CPU a
     pointwise conv (1x1 kernel, no padding, no dilation, not grouped, NHWC/HWIO) is the
     strided input times the kernel matrix; every other conv, and every conv on another
-    platform, is lax's (`lax.platform_dependent`: an export for cpu and cuda carries each).
+    platform, is lax's (`several_platforms`: an export for cpu and cuda carries each).
     Same parameters and values (tests/test_layers.py)."""
     conv = functools.partial(
         jax.lax.conv_general_dilated,
@@ -97,7 +112,7 @@ def conv_general_dilated(
             preferred_element_type=preferred_element_type,
         )
 
-    return jax.lax.platform_dependent(lhs, rhs, cpu=matmul, default=conv)
+    return _per_platform(lhs, rhs, cpu=matmul, default=conv)
 
 
 def _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups):
@@ -134,12 +149,12 @@ def depthwise_conv(
     well; "shifted" sums kh*kw strided slices of the padded input, each times one kernel tap.
     XLA's CPU grouped convolution is 4-40x slower than the shifted sum, forward and backward
     (measured on 2 cores: 16x56x56x32 forward 48 ms vs 1.1 ms, with its gradients 143 vs 31
-    ms), so "auto" runs "shifted" on CPU and "xla" elsewhere (`lax.platform_dependent`: a
-    model exported for cpu and cuda carries each). Both give the same values
+    ms), so "auto" runs "shifted" on CPU and "xla" elsewhere (`several_platforms`: a model
+    exported for cpu and cuda carries each). Both give the same values
     (tests/test_layers.py).
     """
-    if impl == "auto":  # chosen per platform at lowering, so a cpu+cuda export gets both
-        return jax.lax.platform_dependent(
+    if impl == "auto":
+        return _per_platform(
             x,
             kernel,
             cpu=lambda x, k: depthwise_conv(x, k, strides, padding, dilation, "shifted"),
