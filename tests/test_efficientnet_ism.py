@@ -147,6 +147,7 @@ def test_ism_gradients_reach_every_param(ism_small):
     # statistics) and with lax's grouped depthwise conv (same parameters) as with the CPU slice
     # sum, whose gradients tests/test_layers.py checks: both keep the compile small (11 -> 6 s).
     model = model.clone(depthwise_impl="xla")
+
     @jax.jit
     def grads(params):
         def loss(p):

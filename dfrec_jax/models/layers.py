@@ -42,8 +42,8 @@ _NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 
 # below are then chosen per platform at lowering (`lax.platform_dependent`, which traces both
 # and, under a gradient, linearises both). Otherwise they are chosen at trace time for JAX's
 # default backend, the platform a jitted function runs on unless told otherwise: tracing and
-# lowering the demo train step took 17.5 -> ~11 s on 2 Xeon cores. A jit-cache-sensitive
-# context, so a trace made one way is never reused the other.
+# lowering the demo train step took 16.2 / 16.7 -> 11.1 / 11.1 s on 2 Xeon cores (README,
+# Training). A jit-cache-sensitive context, so a trace made one way is never reused the other.
 several_platforms = jax.make_user_context(default_value=False)
 
 
