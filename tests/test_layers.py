@@ -1,4 +1,5 @@
-"""Convolutions: the CPU paths (shifted-slice depthwise, pointwise matmul) equal lax's."""
+"""Convolutions: the CPU paths (shifted-slice depthwise, pointwise matmul, padded-then-cropped
+unpadded convs) equal lax's."""
 
 import flax.linen as nn
 import jax
@@ -132,6 +133,48 @@ def test_pointwise_runs_as_a_matmul_on_cpu_and_as_a_conv_elsewhere():
     assert "convolution" not in _lowered(conv, "cpu", x, w)
     assert "dot_general" in _lowered(conv, "cpu", x, w)
     assert "convolution" in _lowered(conv, "cuda", x, w)
+
+
+@pytest.mark.parametrize(
+    "size,kernel,strides,padding,dilation,dtype",
+    [
+        (9, 3, 1, "VALID", 1, jnp.float32),  # FaceNet's conv2d_2a / 4a
+        (10, 3, 2, ((0, 0), (0, 0)), 1, jnp.float32),  # Inception's strided reductions
+        (11, 3, 1, "valid", 2, jnp.float32),
+        (16, 8, 8, "VALID", 1, jnp.float32),  # the ViT's patch embedding
+        (9, 3, 1, "VALID", 1, jnp.bfloat16),
+    ],
+)
+def test_unpadded_conv_equals_lax_conv_values_and_gradients(
+    size, kernel, strides, padding, dilation, dtype
+):
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 3), dtype)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 4), dtype)
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def run(conv):
+        f = lambda x, w: conv(  # noqa: E731
+            x, w, (strides,) * 2, padding, rhs_dilation=(dilation,) * 2, dimension_numbers=dims
+        )
+        grads = jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+        return f(x, w), grads
+
+    (y_ref, g_ref), (y, g) = run(jax.lax.conv_general_dilated), run(layers.conv_general_dilated)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # measured: equal bit for bit in float32
+    np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
+def test_unpadded_conv_is_padded_and_cropped_on_cpu_and_left_alone_elsewhere():
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 3))
+    dims = ("NHWC", "HWIO", "NHWC")
+    conv = lambda x, w: layers.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dims)  # noqa: E731
+    cpu, cuda = _lowered(conv, "cpu", x, w), _lowered(conv, "cuda", x, w)
+    assert "pad = [[0, 1], [0, 1]]" in cpu and "stablehlo.slice" in cpu
+    assert "pad = " not in cuda and "stablehlo.slice" not in cuda
+    assert conv(x, w).shape == (1, 6, 6, 3)
 
 
 @pytest.mark.parametrize(

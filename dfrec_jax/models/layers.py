@@ -67,17 +67,23 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
 ):
-    """`jax.lax.conv_general_dilated` (same signature), with 1x1 convolutions run as a matmul
-    on CPU.
+    """`jax.lax.conv_general_dilated` (same signature), with two CPU-only rewrites.
 
-    XLA's CPU convolution is slow for 1x1 kernels, above all their kernel gradient: on 2
-    Xeon cores, 16x28x28x192 -> 64 takes 5.7 ms forward and 30 ms for the kernel gradient as a
-    convolution, 2.0 and 4.2 ms as a matmul. 1x1 convs carry most of the arithmetic of
-    EfficientNet's MBConvs, FaceNet's Inception-ResNet blocks and Inception v3, so on CPU a
-    pointwise conv (1x1 kernel, no padding, no dilation, not grouped, NHWC/HWIO) is the
-    strided input times the kernel matrix; every other conv, and every conv on another
-    platform, is lax's (`several_platforms`: an export for cpu and cuda carries each).
-    Same parameters and values (tests/test_layers.py)."""
+    - 1x1 convolutions run as a matmul. XLA's CPU convolution is slow for 1x1 kernels, above
+      all their kernel gradient: on 2 Xeon cores, 16x28x28x192 -> 64 takes 5.7 ms forward and
+      30 ms for the kernel gradient as a convolution, 2.0 and 4.2 ms as a matmul. 1x1 convs
+      carry most of the arithmetic of EfficientNet's MBConvs, FaceNet's Inception-ResNet
+      blocks and Inception v3, so a pointwise conv (1x1 kernel, no padding, no dilation, not
+      grouped, NHWC/HWIO) is the strided input times the kernel matrix.
+    - Unpadded (VALID) k x k convolutions get one row and column of zero padding at their
+      far end and the extra output cropped: XLA:CPU runs a convolution without any padding
+      2-5x slower than the same one padded (16x79x79x32 -> 32, 3x3: 64 vs 13 ms forward;
+      Inception v3's 16x149x149x32 -> 32: 257 vs 93 ms), with the same values bit for bit
+      (padding at the far end only feeds outputs past the VALID size, which are cut off).
+      FaceNet's stem, the FID Inception's stem and reductions, dlib's strided convs and the
+      ViT's patch embedding are such convolutions.
+    Every other conv, and every conv on another platform, is lax's (`several_platforms`: an
+    export for cpu and cuda carries each). Same parameters and values (tests/test_layers.py)."""
     conv = functools.partial(
         jax.lax.conv_general_dilated,
         window_strides=window_strides,
@@ -90,15 +96,16 @@ def conv_general_dilated(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    if not _is_pointwise(
-        lhs,
-        rhs,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count * batch_group_count,
-    ):
+    groups = feature_group_count * batch_group_count
+    if _is_unpadded(lhs, rhs, padding, lhs_dilation, dimension_numbers, groups):
+        valid = jax.eval_shape(conv, lhs, rhs).shape
+
+        def padded_then_cropped(x, kernel):
+            y = conv(x, kernel, padding=((0, 1), (0, 1)))
+            return y[:, : valid[1], : valid[2], :]
+
+        return _per_platform(lhs, rhs, cpu=padded_then_cropped, default=conv)
+    if not _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups):
         return conv(lhs, rhs)
     sh, sw = window_strides
 
@@ -113,6 +120,21 @@ def conv_general_dilated(
         )
 
     return _per_platform(lhs, rhs, cpu=matmul, default=conv)
+
+
+def _is_unpadded(lhs, rhs, padding, lhs_dilation, dimension_numbers, groups):
+    """An ungrouped NHWC/HWIO conv, not 1x1, without padding or input dilation."""
+    if lhs.ndim != 4 or rhs.shape[:2] == (1, 1) or groups != 1:
+        return False
+    if any(d != 1 for d in lhs_dilation or ()):
+        return False
+    if isinstance(padding, str):
+        if padding.upper() != "VALID":
+            return False
+    elif any(tuple(p) != (0, 0) for p in padding):
+        return False
+    layout = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return layout == _NHWC_HWIO
 
 
 def _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups):
