@@ -47,6 +47,7 @@ import numpy as np
 
 from dfrec_jax import (
     configlib,
+    conv_profile,
     inference,
     learning,
     recover,
@@ -179,9 +180,7 @@ def bench_train_step(
     for batch_size in batch_sizes:
         if batch_size % devices:
             raise ValueError(f"bench: batch {batch_size} does not split over {devices} devices")
-    model, _, _, state, train_step = standalone.build_train_step(
-        config, mesh, loss_nets=loss_nets
-    )
+    model, _, _, state, train_step = standalone.build_train_step(config, mesh, loss_nets=loss_nets)
     jax.block_until_ready(state)
     setup_s = time.perf_counter() - start
     counts = inference.param_counts(state.params)
@@ -270,8 +269,9 @@ def bench_recover(
         model, variables, seed = run.model, run.variables, int(run.config.seed)
         weights = f"checkpoint {run.checkpoint_dir} step {run.step}"
         if run.provenance:  # a `convert`ed release: name the file the weights came from
-            weights += f" (converted from {run.provenance['file']}, sha256 " \
-                       f"{run.provenance['sha256']})"
+            weights += (
+                f" (converted from {run.provenance['file']}, sha256 {run.provenance['sha256']})"
+            )
         digest = run.config_hash
     else:
         model = inference.build_model(config)
@@ -332,6 +332,23 @@ def bench_step_profile(config, batch_sizes=(), repeats: int = 5) -> list[dict]:
     return results
 
 
+def bench_conv_profile(
+    config, batch_sizes=(), repeats: int = 3, *, loss_nets=None, top: int = 30
+) -> list[dict]:
+    """Every convolution of the config's train step timed alone, slowest first
+    (dfrec_jax/conv_profile.py): the `top` slowest and a summary line per batch size."""
+    mesh = sharding_lib.make_mesh(config.mesh)
+    model, _, _, state, train_step = standalone.build_train_step(
+        config, mesh, loss_nets=loss_nets, initialise=False
+    )
+    results = []
+    for batch_size in list(batch_sizes) or [int(config.data.batch_size)]:
+        batch = standalone.synthetic_batch(batch_size, model.image_size, config.seed)
+        for record in conv_profile.profile(train_step, state, batch, repeats=repeats, top=top):
+            results.append({"what": "conv_profile", "batch": batch_size, **record})
+    return results
+
+
 def bench_memory(config, batch_sizes=(), repeats: int = 0, *, loss_nets=None):
     """Per-device memory of the compiled train step (dfrec_jax/step_memory.py) for every fsdp
     size in 1, 2, 4, ... that divides the devices; batches: `--batch` or 1 and 2 per device.
@@ -378,6 +395,7 @@ BENCHES = {
     "recover": bench_recover,
     "learning": bench_learning,
     "step_profile": bench_step_profile,
+    "conv_profile": bench_conv_profile,
     "memory": bench_memory,
     "peer_torch": bench_peer_torch,
 }
