@@ -78,8 +78,9 @@ def conv_general_dilated(
     - Unpadded (VALID) k x k convolutions get one row and column of zero padding at their
       far end and the extra output cropped: XLA:CPU runs a convolution without any padding
       2-5x slower than the same one padded (16x79x79x32 -> 32, 3x3: 64 vs 13 ms forward;
-      Inception v3's 16x149x149x32 -> 32: 257 vs 93 ms), with the same values bit for bit
-      (padding at the far end only feeds outputs past the VALID size, which are cut off).
+      Inception v3's 16x149x149x32 -> 32: 257 vs 93 ms) and the same values: padding at the
+      far end only feeds outputs past the VALID size, which are cut off (bit for bit on those
+      two; dlib's strided convs differ by float rounding, ~5e-8 in `eval`'s metrics).
       FaceNet's stem, the FID Inception's stem and reductions, dlib's strided convs and the
       ViT's patch embedding are such convolutions.
     Every other conv, and every conv on another platform, is lax's (`several_platforms`: an
