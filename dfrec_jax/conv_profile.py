@@ -31,7 +31,8 @@ def _sub_jaxprs(params: dict) -> Iterator:
 
 def find_convolutions(jaxpr) -> dict[tuple, dict]:
     """{key: {"lhs", "rhs" (ShapeDtypeStructs), "params", "count"}} over `jaxpr` and every
-    jaxpr nested in it; one key per distinct (shapes, dtypes, parameters)."""
+    jaxpr nested in it; one key per distinct (shapes, dtypes, parameters). `count` is how often
+    a convolution appears in the program: one inside a loop body (scan, while) counts once."""
     found: dict[tuple, dict] = {}
 
     def walk(j):
