@@ -5,14 +5,17 @@ input and kernel gradients, the frozen loss networks included), groups its convo
 shapes and parameters, compiles and times each group's convolution alone on random inputs,
 and reports them slowest first with their GFLOP/s. The step profile (step_profile.py) says
 which part of the step is slow; this says which convolutions inside it are, so a fix can be
-aimed (it found XLA:CPU's unpadded convolutions 2-5x slower than padded ones, layers.py).
-Timed alone, a convolution's inputs and outputs are not fused with its neighbours', so the
-sum is an estimate of the convolutions' share, not a partition of the step.
+aimed (its slowest entries led to the padded unpadded convolutions of layers.py).
+Limits: a convolution timed alone is not fused with its neighbours, so the sum estimates the
+convolutions' share, not a partition of the step; counts are appearances in the program (a
+loop body's convolution once, both branches of a cond); shapes are the program's global
+ones, each timed on one device.
 """
 
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dfrec_jax.timing import significant, time_call
@@ -57,9 +60,11 @@ def find_convolutions(jaxpr) -> dict[tuple, dict]:
 
 def conv_flops(lhs, rhs, out_shape, params) -> float:
     """Multiply-adds x 2 of one convolution: every output element sums over the kernel's
-    window and its input features (per group: the kernel's in-feature dimension)."""
+    window and its input features (per group: the kernel's in-feature dimension). With input
+    dilation (the input gradient of a strided conv) only ~1 in prod(lhs_dilation) taps meets
+    an input element, the rest the inserted zeros: counted as that fraction."""
     spec = params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
-    window = np.prod([rhs.shape[d] for d in spec[2:]])
+    window = np.prod([rhs.shape[d] for d in spec[2:]]) / np.prod(params["lhs_dilation"])
     return 2.0 * float(np.prod(out_shape)) * float(window) * rhs.shape[spec[1]]
 
 
@@ -71,7 +76,7 @@ def time_convolutions(found: dict, repeats: int = 3, seed: int = 0) -> list[dict
     for entry in found.values():
         lhs, rhs, params = entry["lhs"], entry["rhs"], entry["params"]
         conv = jax.jit(lambda a, b, p=params: jax.lax.conv_general_dilated_p.bind(a, b, **p))
-        args = [jax.numpy.asarray(rng.standard_normal(s.shape), s.dtype) for s in (lhs, rhs)]
+        args = [jnp.asarray(rng.standard_normal(s.shape), s.dtype) for s in (lhs, rhs)]
         out = jax.eval_shape(conv, *args)
         seconds = min(time_call(conv, *args, repeats=repeats))
         flops = conv_flops(lhs, rhs, out.shape, params)

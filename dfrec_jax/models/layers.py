@@ -75,14 +75,15 @@ def conv_general_dilated(
       carry most of the arithmetic of EfficientNet's MBConvs, FaceNet's Inception-ResNet
       blocks and Inception v3, so a pointwise conv (1x1 kernel, no padding, no dilation, not
       grouped, NHWC/HWIO) is the strided input times the kernel matrix.
-    - Unpadded (VALID) k x k convolutions get one row and column of zero padding at their
-      far end and the extra output cropped: XLA:CPU runs a convolution without any padding
-      2-5x slower than the same one padded (16x79x79x32 -> 32, 3x3: 64 vs 13 ms forward;
-      Inception v3's 16x149x149x32 -> 32: 257 vs 93 ms) and the same values: padding at the
-      far end only feeds outputs past the VALID size, which are cut off (bit for bit on those
-      two; dlib's strided convs differ by float rounding, ~5e-8 in `eval`'s metrics).
-      FaceNet's stem, the FID Inception's stem and reductions, dlib's strided convs and the
-      ViT's patch embedding are such convolutions.
+    - Unpadded (VALID) convolutions larger than 1x1 get one row and column of zero padding at
+      their far end and the extra output cropped: XLA:CPU runs a stride-1 3x3 convolution
+      without any padding 2.8-4.9x slower than the same one padded (16x79x79x32 -> 32: 64 vs
+      13 ms forward; Inception v3's 16x149x149x32 -> 32: 257 vs 93 ms), stride-2 ones
+      1.2-1.3x, the ViT's patch embedding (stride = kernel) the same; and the same values:
+      padding at the far end only feeds outputs past the VALID size, which are cut off (bit
+      for bit on those two; dlib's strided convs differ by float rounding, ~5e-8 in `eval`'s
+      metrics). FaceNet's and the FID Inception's stems and reductions, dlib's strided convs
+      and the ViT's patch embedding are such convolutions.
     Every other conv, and every conv on another platform, is lax's (`several_platforms`: an
     export for cpu and cuda carries each). Same parameters and values (tests/test_layers.py)."""
     conv = functools.partial(
