@@ -80,11 +80,10 @@ def conv_general_dilated(
       without any padding 2.8-4.9x slower than the same one padded (16x79x79x32 -> 32: 64 vs
       13 ms forward; Inception v3's 16x149x149x32 -> 32: 257 vs 93 ms), stride-2 ones up to
       2.6x (one, FaceNet's 3-channel stem, 7% slower), the ViT's patch embedding (stride =
-      kernel) the same; and the same values:
-      padding at the far end only feeds outputs past the VALID size, which are cut off (bit
-      for bit on those two; dlib's strided convs differ by float rounding, ~5e-8 in `eval`'s
-      metrics). FaceNet's and the FID Inception's stems and reductions, dlib's strided convs
-      and the ViT's patch embedding are such convolutions.
+      kernel) the same; and the same values: padding at the far end only feeds outputs past
+      the VALID size, which are cut off (bit for bit on those two; dlib's strided convs differ
+      by float rounding, ~5e-8 in `eval`'s metrics). FaceNet's and the FID Inception's stems
+      and reductions, dlib's strided convs and the ViT's patch embedding are such convolutions.
     Every other conv, and every conv on another platform, is lax's (`several_platforms`: an
     export for cpu and cuda carries each). Same parameters and values (tests/test_layers.py)."""
     conv = functools.partial(
