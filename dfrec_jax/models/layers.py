@@ -98,16 +98,20 @@ def conv_general_dilated(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    groups = feature_group_count * batch_group_count
-    if _is_unpadded(lhs, rhs, padding, lhs_dilation, dimension_numbers, groups):
-        valid = jax.eval_shape(conv, lhs, rhs).shape
+    plain = _plain_nhwc(
+        lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count * batch_group_count
+    )
+    pointwise = plain and rhs.shape[:2] == (1, 1)
+    if plain and not pointwise and _adds_nothing(padding, "VALID"):
 
         def padded_then_cropped(x, kernel):
+            valid = jax.eval_shape(conv, x, kernel).shape
             y = conv(x, kernel, padding=((0, 1), (0, 1)))
             return y[:, : valid[1], : valid[2], :]
 
         return _per_platform(lhs, rhs, cpu=padded_then_cropped, default=conv)
-    if not _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups):
+    undilated = all(d == 1 for d in rhs_dilation or ())
+    if not (pointwise and undilated and _adds_nothing(padding, "SAME", "VALID")):
         return conv(lhs, rhs)
     sh, sw = window_strides
 
@@ -124,33 +128,19 @@ def conv_general_dilated(
     return _per_platform(lhs, rhs, cpu=matmul, default=conv)
 
 
-def _is_unpadded(lhs, rhs, padding, lhs_dilation, dimension_numbers, groups):
-    """An ungrouped NHWC/HWIO conv, not 1x1, without padding or input dilation."""
-    if lhs.ndim != 4 or rhs.shape[:2] == (1, 1) or groups != 1:
-        return False
-    if any(d != 1 for d in lhs_dilation or ()):
-        return False
-    if isinstance(padding, str):
-        if padding.upper() != "VALID":
-            return False
-    elif any(tuple(p) != (0, 0) for p in padding):
+def _plain_nhwc(lhs, rhs, lhs_dilation, dimension_numbers, groups) -> bool:
+    """A 2-D, ungrouped NHWC/HWIO conv without input dilation: where the CPU rewrites apply."""
+    if lhs.ndim != 4 or groups != 1 or any(d != 1 for d in lhs_dilation or ()):
         return False
     layout = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     return layout == _NHWC_HWIO
 
 
-def _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups):
-    if lhs.ndim != 4 or rhs.shape[:2] != (1, 1) or groups != 1:
-        return False
-    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
-        return False
+def _adds_nothing(padding, *names: str) -> bool:
+    """All-zero explicit padding, or a padding string among `names` (case-insensitive)."""
     if isinstance(padding, str):
-        if padding.upper() not in ("SAME", "VALID"):
-            return False
-    elif any(tuple(p) != (0, 0) for p in padding):
-        return False
-    layout = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    return layout == _NHWC_HWIO
+        return padding.upper() in names
+    return all(tuple(p) == (0, 0) for p in padding)
 
 
 # flax's Conv computing with `conv_general_dilated`: the same module, parameter names and
