@@ -354,7 +354,10 @@ def main(argv):
             return 1 if failed else 0
         else:
             batch_sizes = [int(b) for b in _BATCH.value]
-            own_batch = ("train_step", "step_profile", "conv_profile", "memory", "peer_torch")
+            own_batch = (
+                "train_step", "step_profile", "conv_profile", "eval_profile", "memory",
+                "peer_torch",
+            )  # fmt: skip
             if _WHAT.value in own_batch and not flags.FLAGS["batch"].present:
                 batch_sizes = []  # the config's global batch
             if _WHAT.value == "recover" and not flags.FLAGS["batch"].present:

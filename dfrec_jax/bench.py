@@ -1,7 +1,8 @@
 """`bench`: timings printed as one JSON object per measurement.
 
     python -m dfrec_jax bench --config C
-        --what forward|input_pipeline|train_step|step_profile|recover|learning|memory|peer_torch
+        --what forward|input_pipeline|train_step|step_profile|conv_profile|eval_profile|recover|
+               learning|memory|peer_torch
         [--batch ..] [--workdir W] [--steps N --eval_every M]
 
 `train_step` times the real sharded train step (model + frozen loss nets + AdamW) on
@@ -13,7 +14,10 @@ model FLOPs utilisation against the best f32 matmul throughput measured in the s
 
 `step_profile` times the step's parts alone (DFREC forward+backward, each frozen loss
 network with its gradient, the optimizer update) next to the whole step
-(dfrec_jax/step_profile.py).
+(dfrec_jax/step_profile.py); `conv_profile` times each of the step's convolutions alone
+(dfrec_jax/conv_profile.py); `eval_profile` times each part of scoring one `eval` batch (the
+identity nets, LPIPS, the FID Inception, PSNR/SSIM, the whole jitted metrics function, the
+host's landmarks and inpainting; dfrec_jax/eval_profile.py).
 
 `learning` is the learning check (dfrec_jax/learning.py): it overfits 32 fixed real examples
 (identity morphs + pristine faces) for `--steps` steps at batch `--batch` (default 8) and
@@ -332,6 +336,19 @@ def bench_step_profile(config, batch_sizes=(), repeats: int = 5) -> list[dict]:
     return results
 
 
+def bench_eval_profile(config, batch_sizes=(), repeats: int = 3, *, nets=None) -> list[dict]:
+    """Where eval's time per batch goes (dfrec_jax/eval_profile.py), at each batch size (the
+    config's eval batch unless given)."""
+    # Here, not at the top: eval's runner reads datasets with TensorFlow, which the machines
+    # that run the other benches (GPU hosts) may lack.
+    from dfrec_jax import eval_profile
+
+    results = []
+    for batch in batch_sizes or [None]:
+        results += eval_profile.profile_eval(config, batch, repeats, nets=nets)
+    return results
+
+
 def bench_conv_profile(
     config, batch_sizes=(), repeats: int = 3, *, loss_nets=None, top: int = 30
 ) -> list[dict]:
@@ -396,6 +413,7 @@ BENCHES = {
     "learning": bench_learning,
     "step_profile": bench_step_profile,
     "conv_profile": bench_conv_profile,
+    "eval_profile": bench_eval_profile,
     "memory": bench_memory,
     "peer_torch": bench_peer_torch,
 }

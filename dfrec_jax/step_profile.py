@@ -22,8 +22,6 @@ is also what produces the recovered faces), so shares are of the step's time, no
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,16 +29,6 @@ import numpy as np
 from dfrec_jax import losses, timing
 from dfrec_jax.train import sharding as sharding_lib
 from dfrec_jax.train import standalone
-
-
-def _timed(fn, *args, repeats: int) -> dict:
-    """Compile jitted `fn` for `args`, then `timing.time_call` it (one warm-up, `repeats` timed)."""
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    times = timing.time_call(compiled, *args, repeats=max(repeats, 1))
-    return {"seconds": float(np.median(times)), "compile_s": compile_s,
-            "flops": timing.flops_of(compiled)}  # fmt: skip
 
 
 def _model_program(model):
@@ -95,8 +83,12 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
     rng = np.random.default_rng(config.seed)
     faces = lambda n: jnp.asarray(rng.uniform(0, 1, (n, size, size, 3)), jnp.float32)  # noqa: E731
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    parts = {"model": _timed(_model_program(model), variables, faces(batch_size),
-                             jax.random.key(1), repeats=repeats)}  # fmt: skip
+    model_program = _model_program(model)
+    parts = {
+        "model": timing.compile_and_time(
+            model_program, variables, faces(batch_size), jax.random.key(1), repeats=repeats
+        )
+    }
     recovered, true = faces(2 * batch_size), faces(2 * batch_size)
     for name, per_sample_fn, net, n in (
         ("identity", losses.identity_per_sample, nets.identity, 2 * batch_size),
@@ -105,15 +97,18 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
     ):
         if net is not None:
             program, arrays = _loss_program(per_sample_fn, net)
-            parts[name] = _timed(program, arrays, recovered[:n], true[:n], repeats=repeats)
+            parts[name] = timing.compile_and_time(
+                program, arrays, recovered[:n], true[:n], repeats=repeats
+            )
 
     def update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
         return jax.tree.map(lambda p, u: p + u, params, updates), opt_state
 
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
-    parts["optimizer"] = _timed(jax.jit(update), state.params, state.opt_state, grads,
-                                repeats=repeats)  # fmt: skip
+    parts["optimizer"] = timing.compile_and_time(
+        jax.jit(update), state.params, state.opt_state, grads, repeats=repeats
+    )
 
     batch = standalone.global_batch(
         standalone.synthetic_batch(batch_size, size, config.seed), sharding_lib.batch_sharding(mesh)

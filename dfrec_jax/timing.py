@@ -5,6 +5,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def time_call(fn, *args, repeats: int) -> list[float]:
@@ -16,6 +17,17 @@ def time_call(fn, *args, repeats: int) -> list[float]:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return times
+
+
+def compile_and_time(fn, *args, repeats: int) -> dict:
+    """Lower and compile jitted `fn` for `args`, then `time_call` it: {"seconds" (median of
+    `repeats`), "compile_s" (tracing, lowering and XLA's compile), "flops" (flops_of)}."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    times = time_call(compiled, *args, repeats=max(repeats, 1))
+    return {"seconds": float(np.median(times)), "compile_s": compile_s,
+            "flops": flops_of(compiled)}  # fmt: skip
 
 
 def significant(x: float, digits: int = 4) -> float:

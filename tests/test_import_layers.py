@@ -47,6 +47,7 @@ LAYERS = {  # module prefix -> layer; the longest prefix wins
     "dfrec_jax.bench": 5,
     "dfrec_jax.step_profile": 5,
     "dfrec_jax.conv_profile": 5,
+    "dfrec_jax.eval_profile": 5,
     "dfrec_jax.step_memory": 5,
     "dfrec_jax.learning": 5,
     "dfrec_jax.forward": 5,

@@ -134,7 +134,7 @@ def load_eval_nets(eval_config) -> EvalNets:
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def _device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *, layout):
+def device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *, layout):
     """Per-sample metrics of every row of one batch.
 
     images, sources, targets: uint8 [B,S,S,3]; baseline_targets: uint8 [R-1,B,S,S,3] (row 0 is
@@ -219,7 +219,7 @@ class _Evaluator:
             [images] + [baselines.inpaint(images, regions, m, radius) for m in self.methods]
         )
         dfrec = {k: predicted[k] for k in ("target", "source")}
-        device = _device_metrics(
+        device = device_metrics(
             self.arrays,
             images,
             batch["source"],

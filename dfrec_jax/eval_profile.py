@@ -1,0 +1,142 @@
+"""Where `eval`'s time per batch goes: `bench --what eval_profile --config C [--batch N]`.
+
+`eval` (dfrec_jax/eval/runner.py) scores a batch of B examples in R rows ("none", each of
+config.eval.inpaint_methods, "dfrec") with one jitted function over the batch's distinct faces,
+and meanwhile works on the host. Each part is timed alone here, with the real scoring networks
+(their weights arguments of the programs, as in eval), on synthetic faces of the config's
+image size, with XLA's FLOPs:
+
+  facenet, dlib  identity embeddings of the (R + 3) x B distinct faces: true targets, true
+                 sources, inputs (the "none" row), the other rows' recovered targets, DFREC's
+                 recovered sources;
+  lpips          VGG16 LPIPS of the R x B recovered targets against the B true ones;
+  fid            Inception v3 pool features of the (R + 1) x B recovered and true targets;
+  pixels         PSNR and SSIM of the R x B recovered targets;
+  metrics        eval's whole jitted function (`runner.device_metrics`: all of the above in
+                 one program), the device's share of a batch;
+  landmarks      the landmark net on the host, on the (R + 1) x B images of a batch's two calls
+                 (inputs; true and recovered targets, for head pose);
+  inpaint        the classical baselines' OpenCV inpainting of the B inputs, every method.
+
+The last line sums up: `batch_ms` (metrics + landmarks + inpaint) and the scoring's images per
+second. Not here: the model's forward (`bench --what forward --batch B`; eval dispatches it
+before the host work) and reading the split. Noise faces: the networks' cost does not depend
+on what the pixels show; the inpainting region is the config's (landmarks of noise, or the
+fixed ellipse).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfrec_jax import losses, timing
+from dfrec_jax.eval import baselines, metrics, runner
+
+
+def _host_seconds(fn, repeats: int) -> float:
+    """Median seconds of `fn()` after one untimed call (the landmark net's compile)."""
+    fn()
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, nets=None,
+                 matmul_sizes=None) -> list[dict]:  # fmt: skip
+    """One dict per part (module docstring) and a summary; `nets` (runner.EvalNets) and the
+    peak's `matmul_sizes` injectable for tests."""
+    eval_config = config.eval
+    b = int(batch_size or eval_config.batch_size)
+    nets = nets or runner.load_eval_nets(eval_config)
+    methods = tuple(eval_config.inpaint_methods)
+    rows = 2 + len(methods)
+    size = int(config.model.image_size)
+    rng = np.random.default_rng(config.seed)
+    faces = lambda n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)  # noqa: E731
+    unit = lambda x: jnp.asarray(x, jnp.float32) / 255.0  # noqa: E731
+
+    scorers = (nets.identity.facenet, nets.identity.dlib, nets.fid_features, nets.lpips)
+    arrays, layout = losses.split_frozen(scorers)
+    arrays = jax.device_put(arrays)
+
+    def part(index, *inputs):
+        return jax.jit(lambda arrays, *x: layout(arrays)[index](*x)), (arrays, *inputs)
+
+    distinct, recovered, truth = unit(faces((rows + 3) * b)), unit(faces(rows * b)), unit(faces(b))
+    programs = {
+        "facenet": part(0, distinct),
+        "dlib": part(1, distinct),
+        "lpips": part(3, recovered, truth),
+        "fid": part(2, unit(faces((rows + 1) * b))),
+        "pixels": (
+            jax.jit(lambda a, t: (metrics.psnr(a, t), metrics.ssim(a, t))),
+            (recovered, jnp.tile(truth, (rows, 1, 1, 1))),
+        ),
+    }
+    images = faces(b)
+    dfrec = {"target": unit(faces(b)), "source": unit(faces(b))}
+    device_metrics = jax.jit(functools.partial(runner.device_metrics, layout=layout))
+    baseline_targets = faces((rows - 1) * b).reshape(rows - 1, b, size, size, 3)  # "none" first
+    programs["metrics"] = (device_metrics, (arrays, images, faces(b), faces(b),
+                                            baseline_targets, dfrec))  # fmt: skip
+    parts = {
+        name: timing.compile_and_time(fn, *args, repeats=repeats)
+        for name, (fn, args) in programs.items()
+    }
+
+    host_images = faces((rows + 1) * b)
+    parts["landmarks"] = {"seconds": _host_seconds(lambda: nets.landmarks(host_images), repeats)}
+    if eval_config.inpaint_mask == "landmarks":
+        regions = baselines.landmark_region(nets.landmarks(images), size)
+    else:
+        regions = np.broadcast_to(baselines.fixed_region(size), (b, size, size))
+    radius = int(eval_config.inpaint_radius)
+    parts["inpaint"] = {
+        "seconds": _host_seconds(
+            lambda: [baselines.inpaint(images, regions, m, radius) for m in methods], repeats
+        )
+    }
+
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))  # eval's device
+    peak = timing.peak_matmul_tflops(one_device, matmul_sizes)["tflops"]
+    batch_s = sum(parts[name]["seconds"] for name in ("metrics", "landmarks", "inpaint"))
+    results = []
+    for name, measured in parts.items():
+        flops = measured.get("flops")
+        achieved = flops / measured["seconds"] / 1e12 if flops else None
+        results.append({
+            "what": "eval_profile",
+            "part": name,
+            "batch": b,
+            "rows": rows,
+            "ms": timing.significant(1e3 * measured["seconds"]),
+            "share_of_batch": round(measured["seconds"] / batch_s, 3),
+            "gflop": timing.significant(flops / 1e9) if flops else None,
+            "achieved_tflops": timing.significant(achieved) if achieved else None,
+            "mfu": round(achieved / peak, 3) if achieved else None,
+            "compile_s": round(measured["compile_s"], 1) if "compile_s" in measured else None,
+        })  # fmt: skip
+    device_parts = ("facenet", "dlib", "lpips", "fid", "pixels")
+    results.append({
+        "what": "eval_profile",
+        "part": "summary",
+        "batch": b,
+        "rows": rows,
+        "batch_ms": timing.significant(1e3 * batch_s),
+        "device_parts_sum_ms": timing.significant(
+            1e3 * sum(parts[n]["seconds"] for n in device_parts)
+        ),
+        "img_per_s": timing.significant(b / batch_s),
+        "peak_matmul_tflops": round(peak, 4),
+        "slowest_part": max(device_parts, key=lambda n: parts[n]["seconds"]),
+        "device": jax.devices()[0].device_kind,
+    })  # fmt: skip
+    return results
