@@ -41,8 +41,34 @@ def ssim(a, b) -> jax.Array:
 
     dm_pix defaults: 11x11 Gaussian window with sigma 1.5 over the valid region, K1 = 0.01,
     K2 = 0.03, max_val 1, the map averaged over pixels and channels. Images need H, W >= 11.
+    The window is dm_pix's, applied by `_gaussian_window` (same values up to float rounding).
     """
-    return pix.ssim(_unit_images(a, "ssim a"), _unit_images(b, "ssim b"))
+    a, b = _unit_images(a, "ssim a"), _unit_images(b, "ssim b")
+    return pix.ssim(a, b, filter_fn=_gaussian_window)
+
+
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # dm_pix's defaults
+
+
+def _gaussian_window(z: jax.Array) -> jax.Array:
+    """dm_pix's SSIM filter on [B,H,W,C]: the normalised 11-tap Gaussian (sigma 1.5) along H,
+    then W, over the valid region, each pass one matmul with a banded [out, in] matrix.
+    dm_pix's own runs one 1-D convolution per image row (vmapped `jnp.convolve`), slow on
+    XLA:CPU: PSNR + SSIM of an eval batch took 328 ms, 2.8% of its scoring (bench --what
+    eval_profile)."""
+    taps = np.arange(SSIM_WINDOW) - SSIM_WINDOW // 2
+    weights = np.exp(-0.5 * (taps / SSIM_SIGMA) ** 2)
+    weights /= weights.sum()  # symmetric: convolution and correlation agree
+
+    def banded(n_in: int) -> np.ndarray:
+        n_out = n_in - SSIM_WINDOW + 1
+        matrix = np.zeros((n_out, n_in), np.float32)
+        for i in range(n_out):
+            matrix[i, i : i + SSIM_WINDOW] = weights
+        return matrix
+
+    z = jnp.einsum("oh,bhwc->bowc", banded(z.shape[1]), z, precision="highest")
+    return jnp.einsum("ow,bhwc->bhoc", banded(z.shape[2]), z, precision="highest")
 
 
 def _binary_mask(mask, what: str) -> np.ndarray:
