@@ -359,7 +359,7 @@ def main(argv):
                 "peer_torch",
             )  # fmt: skip
             if _WHAT.value in own_batch and not flags.FLAGS["batch"].present:
-                batch_sizes = []  # the config's global batch
+                batch_sizes = []  # the config's global batch (eval_profile: its eval batch)
             if _WHAT.value == "recover" and not flags.FLAGS["batch"].present:
                 batch_sizes = [1, 8, 32]
             extra = {"workdir": _WORKDIR.value} if _WHAT.value == "recover" else {}

@@ -336,7 +336,9 @@ def bench_step_profile(config, batch_sizes=(), repeats: int = 5) -> list[dict]:
     return results
 
 
-def bench_eval_profile(config, batch_sizes=(), repeats: int = 3, *, nets=None) -> list[dict]:
+def bench_eval_profile(
+    config, batch_sizes=(), repeats: int = 3, *, nets=None, matmul_sizes=None
+) -> list[dict]:
     """Where eval's time per batch goes (dfrec_jax/eval_profile.py), at each batch size (the
     config's eval batch unless given)."""
     # Here, not at the top: eval's runner reads datasets with TensorFlow, which the machines
@@ -345,7 +347,9 @@ def bench_eval_profile(config, batch_sizes=(), repeats: int = 3, *, nets=None) -
 
     results = []
     for batch in batch_sizes or [None]:
-        results += eval_profile.profile_eval(config, batch, repeats, nets=nets)
+        results += eval_profile.profile_eval(
+            config, batch, repeats, nets=nets, matmul_sizes=matmul_sizes
+        )
     return results
 
 

@@ -21,8 +21,10 @@ image size, with XLA's FLOPs:
 The last line sums up: `batch_ms` (metrics + landmarks + inpaint) and the scoring's images per
 second. Not here: the model's forward (`bench --what forward --batch B`; eval dispatches it
 before the host work) and reading the split. Noise faces: the networks' cost does not depend
-on what the pixels show; the inpainting region is the config's (landmarks of noise, or the
-fixed ellipse).
+on what the pixels show, OpenCV's inpainting time does on the filled area, so with
+eval.inpaint_mask="landmarks" its time is that of the hull of the landmarks found on noise (the
+"fixed" ellipse is a face's). The PSNR/SSIM FLOPs count SSIM's banded window matrices whole,
+zeros included (metrics.ssim), so their utilisation is not comparable with the networks'.
 """
 
 from __future__ import annotations
@@ -34,8 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfrec_jax import losses, timing
+from dfrec_jax import timing
 from dfrec_jax.eval import baselines, metrics, runner
+
+
+def face_counts(rows: int, b: int) -> dict[str, int]:
+    """Images each scorer sees per batch of b examples in R rows, as `runner.device_metrics`
+    and the runner's two landmark calls score them (tests/test_eval_profile.py reads them off
+    device_metrics itself)."""
+    return {"identity": (rows + 3) * b, "lpips": rows * b, "fid": (rows + 1) * b,
+            "landmarks": (rows + 1) * b}  # fmt: skip
 
 
 def _host_seconds(fn, repeats: int) -> float:
@@ -55,27 +65,32 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
     peak's `matmul_sizes` injectable for tests."""
     eval_config = config.eval
     b = int(batch_size or eval_config.batch_size)
-    nets = nets or runner.load_eval_nets(eval_config)
+    if nets is None:
+        eval_config = eval_config.copy_and_resolve_references()
+        eval_config.batch_size = b  # the landmark net pads each call to it, as in eval
+        nets = runner.load_eval_nets(eval_config)
     methods = tuple(eval_config.inpaint_methods)
     rows = 2 + len(methods)
+    counts = face_counts(rows, b)
     size = int(config.model.image_size)
     rng = np.random.default_rng(config.seed)
     faces = lambda n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)  # noqa: E731
     unit = lambda x: jnp.asarray(x, jnp.float32) / 255.0  # noqa: E731
 
-    scorers = (nets.identity.facenet, nets.identity.dlib, nets.fid_features, nets.lpips)
-    arrays, layout = losses.split_frozen(scorers)
+    arrays, layout = runner.split_scorers(nets)
     arrays = jax.device_put(arrays)
 
-    def part(index, *inputs):
+    def part(scorer, *inputs):
+        index = runner.SCORERS.index(scorer)
         return jax.jit(lambda arrays, *x: layout(arrays)[index](*x)), (arrays, *inputs)
 
-    distinct, recovered, truth = unit(faces((rows + 3) * b)), unit(faces(rows * b)), unit(faces(b))
+    distinct = unit(faces(counts["identity"]))
+    recovered, truth = unit(faces(counts["lpips"])), unit(faces(b))
     programs = {
-        "facenet": part(0, distinct),
-        "dlib": part(1, distinct),
-        "lpips": part(3, recovered, truth),
-        "fid": part(2, unit(faces((rows + 1) * b))),
+        "facenet": part("facenet", distinct),
+        "dlib": part("dlib", distinct),
+        "lpips": part("lpips", recovered, truth),
+        "fid": part("fid_features", unit(faces(counts["fid"]))),
         "pixels": (
             jax.jit(lambda a, t: (metrics.psnr(a, t), metrics.ssim(a, t))),
             (recovered, jnp.tile(truth, (rows, 1, 1, 1))),
@@ -92,7 +107,7 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
         for name, (fn, args) in programs.items()
     }
 
-    host_images = faces((rows + 1) * b)
+    host_images = faces(counts["landmarks"])
     parts["landmarks"] = {"seconds": _host_seconds(lambda: nets.landmarks(host_images), repeats)}
     if eval_config.inpaint_mask == "landmarks":
         regions = baselines.landmark_region(nets.landmarks(images), size)

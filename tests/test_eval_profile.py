@@ -2,13 +2,15 @@
 of an eval batch timed, with the face counts eval's metrics function scores."""
 
 import dataclasses
+import functools
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from dfrec_jax import bench, losses, timing
+from dfrec_jax import bench, eval_profile, losses, timing
+from dfrec_jax.eval import identity, runner
 from tests import tiny, tiny_eval
 
 PARTS = ("facenet", "dlib", "lpips", "fid", "pixels", "metrics", "landmarks", "inpaint")
@@ -43,7 +45,7 @@ def test_every_part_timed_on_eval_face_counts(capsys, mask):
         return detect(images)
 
     nets = dataclasses.replace(nets, landmarks=counted)
-    bench.run("eval_profile", config, batch_sizes=[b], repeats=2, nets=nets)
+    bench.run("eval_profile", config, batch_sizes=[b], repeats=2, nets=nets, matmul_sizes=(128,))
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     *parts, summary = records
     assert [p["part"] for p in parts] == list(PARTS)
@@ -54,13 +56,14 @@ def test_every_part_timed_on_eval_face_counts(capsys, mask):
     for name in ("facenet", "dlib", "lpips", "fid", "metrics"):
         assert by_part[name]["gflop"] > 0 and by_part[name]["compile_s"] >= 0
 
-    # The face counts of eval's metrics function, checked against each net alone.
-    size = tiny.IMAGE_SIZE
+    # Each part runs its net on face_counts' images (which the next test reads off eval's own
+    # metrics function): its FLOPs are the net's alone on that many faces.
+    size, counts = tiny.IMAGE_SIZE, eval_profile.face_counts(rows, b)
     expected = {
-        "facenet": _flops(nets.identity.facenet, (rows + 3) * b),
-        "dlib": _flops(nets.identity.dlib, (rows + 3) * b),
-        "fid": _flops(nets.fid_features, (rows + 1) * b),
-        "lpips": _flops(nets.lpips, rows * b, jax.numpy.zeros((b, size, size, 3))),
+        "facenet": _flops(nets.identity.facenet, counts["identity"]),
+        "dlib": _flops(nets.identity.dlib, counts["identity"]),
+        "fid": _flops(nets.fid_features, counts["fid"]),
+        "lpips": _flops(nets.lpips, counts["lpips"], jax.numpy.zeros((b, size, size, 3))),
     }
     for name, flops in expected.items():
         np.testing.assert_allclose(by_part[name]["gflop"], flops / 1e9, rtol=1e-3, err_msg=name)
@@ -70,7 +73,7 @@ def test_every_part_timed_on_eval_face_counts(capsys, mask):
 
     # Landmarks: an untimed call, then `repeats` timed ones, each on the batch's two calls'
     # images; the landmark region needs one more call on the inputs.
-    timed = [n for n in calls if n == (rows + 1) * b]
+    timed = [n for n in calls if n == counts["landmarks"]]
     assert len(timed) == 3
     assert calls.count(b) == (1 if mask == "landmarks" else 0)
 
@@ -80,3 +83,43 @@ def test_every_part_timed_on_eval_face_counts(capsys, mask):
     assert summary["slowest_part"] in PARTS[:5] and summary["peak_matmul_tflops"] > 0
     shares = [by_part[n]["share_of_batch"] for n in ("metrics", "landmarks", "inpaint")]
     np.testing.assert_allclose(sum(shares), 1.0, atol=0.01)
+
+
+def test_face_counts_are_what_eval_scores():
+    """eval_profile.face_counts read off runner.device_metrics itself: each scorer records the
+    batch it is traced with (a change to eval's scoring that the profile misses fails here)."""
+    config = tiny.tiny_config()
+    rows, b, size = 2 + len(config.eval.inpaint_methods), 3, tiny.IMAGE_SIZE
+    nets, seen = tiny_eval.eval_nets(_template()), {}
+
+    def recording(name, scorer):
+        def record(*images):
+            seen[name] = tuple(x.shape[0] for x in images)
+            return scorer(*images)
+
+        return record
+
+    nets = dataclasses.replace(
+        nets,
+        identity=identity.IdentityNets(
+            facenet=recording("facenet", nets.identity.facenet),
+            dlib=recording("dlib", nets.identity.dlib),
+        ),
+        fid_features=recording("fid", nets.fid_features),
+        lpips=recording("lpips", nets.lpips),
+    )
+    arrays, layout = runner.split_scorers(nets)
+    uint8 = lambda *shape: np.zeros(shape, np.uint8)  # noqa: E731
+    face = (size, size, 3)
+    dfrec = {"target": np.zeros((b, *face), np.float32), "source": np.zeros((b, *face), np.float32)}
+    metrics_fn = functools.partial(runner.device_metrics, layout=layout)
+    jax.make_jaxpr(metrics_fn)(
+        arrays, uint8(b, *face), uint8(b, *face), uint8(b, *face), uint8(rows - 1, b, *face), dfrec
+    )
+    counts = eval_profile.face_counts(rows, b)
+    assert seen == {
+        "facenet": (counts["identity"],),
+        "dlib": (counts["identity"],),
+        "fid": (counts["fid"],),
+        "lpips": (counts["lpips"], b),
+    }

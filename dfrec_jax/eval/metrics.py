@@ -51,11 +51,11 @@ SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # dm_pix's defaults
 
 
 def _gaussian_window(z: jax.Array) -> jax.Array:
-    """dm_pix's SSIM filter on [B,H,W,C]: the normalised 11-tap Gaussian (sigma 1.5) along H,
-    then W, over the valid region, each pass one matmul with a banded [out, in] matrix.
-    dm_pix's own runs one 1-D convolution per image row (vmapped `jnp.convolve`), slow on
-    XLA:CPU: PSNR + SSIM of an eval batch took 328 ms, 2.8% of its scoring (bench --what
-    eval_profile)."""
+    """dm_pix's SSIM window on [B,H,W,C]: the normalised 11-tap Gaussian (sigma 1.5) along
+    each spatial axis over the valid region (dm_pix filters W then H; here H then W, the same
+    up to float rounding), each pass one matmul with a banded [out, in] matrix. dm_pix's own
+    filter runs one 1-D convolution per image row (vmapped `jnp.convolve`), slow on XLA:CPU:
+    SSIM of an eval batch's 64 pairs at 112 px took 303 ms, 58 ms this way."""
     taps = np.arange(SSIM_WINDOW) - SSIM_WINDOW // 2
     weights = np.exp(-0.5 * (taps / SSIM_SIGMA) ** 2)
     weights /= weights.sum()  # symmetric: convolution and correlation agree

@@ -133,6 +133,17 @@ def load_eval_nets(eval_config) -> EvalNets:
 # ----------------------------------------------------------------------------- device metrics
 
 
+SCORERS = ("facenet", "dlib", "fid_features", "lpips")  # device_metrics's layout order
+
+
+def split_scorers(nets: EvalNets):
+    """(arrays, layout) of the scoring networks (`losses.split_frozen`) for `device_metrics`:
+    layout(arrays) -> (facenet, dlib, fid_features, lpips), in SCORERS order."""
+    by_name = {"facenet": nets.identity.facenet, "dlib": nets.identity.dlib,
+               "fid_features": nets.fid_features, "lpips": nets.lpips}  # fmt: skip
+    return losses.split_frozen(tuple(by_name[name] for name in SCORERS))
+
+
 @functools.partial(jax.jit, static_argnames=("layout",))
 def device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *, layout):
     """Per-sample metrics of every row of one batch.
@@ -199,8 +210,7 @@ class _Evaluator:
                 f"{eval_config.inpaint_mask!r}"
             )
         self.rows = ("none",) + tuple(f"inpaint_{m}" for m in self.methods) + ("dfrec",)
-        scorers = (nets.identity.facenet, nets.identity.dlib, nets.fid_features, nets.lpips)
-        self.arrays, self.layout = losses.split_frozen(scorers)
+        self.arrays, self.layout = split_scorers(nets)
 
     def _regions(self, input_landmarks, size: int) -> np.ndarray:
         """bool [B,S,S]: where the inpainting baselines fill."""
