@@ -30,7 +30,6 @@ zeros included (metrics.ssim), so their utilisation is not comparable with the n
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +47,10 @@ def face_counts(rows: int, b: int) -> dict[str, int]:
             "landmarks": (rows + 1) * b}  # fmt: skip
 
 
-def _host_seconds(fn, repeats: int) -> float:
-    """Median seconds of `fn()` after one untimed call (the landmark net's compile)."""
-    fn()
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def _host_seconds(fn, *args, repeats: int) -> float:
+    """Median seconds of `fn(*args)` (`timing.time_call`: one untimed call first, e.g. the
+    landmark net's compile)."""
+    return float(np.median(timing.time_call(fn, *args, repeats=max(repeats, 1))))
 
 
 def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, nets=None,
@@ -108,7 +102,7 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
     }
 
     host_images = faces(counts["landmarks"])
-    parts["landmarks"] = {"seconds": _host_seconds(lambda: nets.landmarks(host_images), repeats)}
+    parts["landmarks"] = {"seconds": _host_seconds(nets.landmarks, host_images, repeats=repeats)}
     if eval_config.inpaint_mask == "landmarks":
         regions = baselines.landmark_region(nets.landmarks(images), size)
     else:
@@ -116,7 +110,8 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
     radius = int(eval_config.inpaint_radius)
     parts["inpaint"] = {
         "seconds": _host_seconds(
-            lambda: [baselines.inpaint(images, regions, m, radius) for m in methods], repeats
+            lambda: [baselines.inpaint(images, regions, m, radius) for m in methods],
+            repeats=repeats,
         )
     }
 
@@ -125,8 +120,6 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
     batch_s = sum(parts[name]["seconds"] for name in ("metrics", "landmarks", "inpaint"))
     results = []
     for name, measured in parts.items():
-        flops = measured.get("flops")
-        achieved = flops / measured["seconds"] / 1e12 if flops else None
         results.append({
             "what": "eval_profile",
             "part": name,
@@ -134,9 +127,7 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
             "rows": rows,
             "ms": timing.significant(1e3 * measured["seconds"]),
             "share_of_batch": round(measured["seconds"] / batch_s, 3),
-            "gflop": timing.significant(flops / 1e9) if flops else None,
-            "achieved_tflops": timing.significant(achieved) if achieved else None,
-            "mfu": round(achieved / peak, 3) if achieved else None,
+            **timing.rate_fields(measured.get("flops"), measured["seconds"], peak),
             "compile_s": round(measured["compile_s"], 1) if "compile_s" in measured else None,
         })  # fmt: skip
     device_parts = ("facenet", "dlib", "lpips", "fid", "pixels")

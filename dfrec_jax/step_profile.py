@@ -121,7 +121,6 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
 
     results = []
     for name, part in parts.items():
-        achieved = part["flops"] / part["seconds"] / 1e12 if part["flops"] else None
         results.append({
             "what": "step_profile",
             "part": name,
@@ -129,9 +128,7 @@ def profile_train_step(config, batch_size: int | None = None, repeats: int = 5,
             "dtype": str(config.model.dtype),
             "ms": round(1e3 * part["seconds"], 1),
             "share_of_step": round(part["seconds"] / step_s, 3),
-            "gflop": timing.significant(part["flops"] / 1e9) if part["flops"] else None,
-            "achieved_tflops": timing.significant(achieved) if achieved else None,
-            "mfu": round(achieved / peak, 3) if achieved else None,
+            **timing.rate_fields(part["flops"], part["seconds"], peak),
             "compile_s": round(part["compile_s"], 1),
         })  # fmt: skip
     summed = sum(p["seconds"] for n, p in parts.items() if n != "step")

@@ -30,6 +30,16 @@ def compile_and_time(fn, *args, repeats: int) -> dict:
             "flops": flops_of(compiled)}  # fmt: skip
 
 
+def rate_fields(flops: float | None, seconds: float, peak_tflops: float) -> dict:
+    """{"gflop", "achieved_tflops", "mfu"} of a program that ran `flops` in `seconds`, against
+    the f32 matmul peak; None each where XLA reported no FLOPs (the profiles' records)."""
+    if not flops:
+        return {"gflop": None, "achieved_tflops": None, "mfu": None}
+    achieved = flops / seconds / 1e12
+    return {"gflop": significant(flops / 1e9), "achieved_tflops": significant(achieved),
+            "mfu": round(achieved / peak_tflops, 3)}  # fmt: skip
+
+
 def significant(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
