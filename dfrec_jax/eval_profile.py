@@ -13,18 +13,21 @@ image size, with XLA's FLOPs:
   fid            Inception v3 pool features of the (R + 1) x B recovered and true targets;
   pixels         PSNR and SSIM of the R x B recovered targets;
   metrics        eval's whole jitted function (`runner.device_metrics`: all of the above in
-                 one program), the device's share of a batch;
+                 one program), the device's share of a batch of forgeries;
+  pristine       FaceNet on the R x B faces of a batch of pristine examples
+                 (`runner.input_similarity`: all eval scores of them);
   landmarks      the landmark net on the host, on the (R + 1) x B images of a batch's two calls
                  (inputs; true and recovered targets, for head pose);
   inpaint        the classical baselines' OpenCV inpainting of the B inputs, every method.
 
-The last line sums up: `batch_ms` (metrics + landmarks + inpaint) and the scoring's images per
-second. Not here: the model's forward (`bench --what forward --batch B`; eval dispatches it
-before the host work) and reading the split. Noise faces: the networks' cost does not depend
-on what the pixels show, OpenCV's inpainting time does on the filled area, so with
-eval.inpaint_mask="landmarks" its time is that of the hull of the landmarks found on noise (the
-"fixed" ellipse is a face's). The PSNR/SSIM FLOPs count SSIM's banded window matrices whole,
-zeros included (metrics.ssim), so their utilisation is not comparable with the networks'.
+The last line sums up a batch of forgeries: `batch_ms` (metrics + landmarks + inpaint) and the
+scoring's images per second. Not here: the model's forward (`bench --what forward --batch B`;
+eval dispatches it before the host work) and reading the split. Noise faces: the networks'
+cost does not depend on what the pixels show, OpenCV's inpainting time does on the filled
+area, so with eval.inpaint_mask="landmarks" its time is that of the hull of the landmarks found
+on noise (the "fixed" ellipse is a face's). The PSNR/SSIM FLOPs count SSIM's banded window
+matrices whole, zeros included (metrics.ssim), so their utilisation is not comparable with the
+networks'.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def face_counts(rows: int, b: int) -> dict[str, int]:
     and the runner's two landmark calls score them (tests/test_eval_profile.py reads them off
     device_metrics itself)."""
     return {"identity": (rows + 3) * b, "lpips": rows * b, "fid": (rows + 1) * b,
-            "landmarks": (rows + 1) * b}  # fmt: skip
+            "landmarks": (rows + 1) * b, "pristine_identity": rows * b}  # fmt: skip
 
 
 def _host_seconds(fn, *args, repeats: int) -> float:
@@ -96,6 +99,8 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
     baseline_targets = faces((rows - 1) * b).reshape(rows - 1, b, size, size, 3)  # "none" first
     programs["metrics"] = (device_metrics, (arrays, images, faces(b), faces(b),
                                             baseline_targets, dfrec))  # fmt: skip
+    input_similarity = jax.jit(functools.partial(runner.input_similarity, layout=layout))
+    programs["pristine"] = (input_similarity, (arrays, images, baseline_targets, dfrec["target"]))
     parts = {
         name: timing.compile_and_time(fn, *args, repeats=repeats)
         for name, (fn, args) in programs.items()

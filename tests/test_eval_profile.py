@@ -13,7 +13,7 @@ from dfrec_jax import bench, eval_profile, losses, timing
 from dfrec_jax.eval import identity, runner
 from tests import tiny, tiny_eval
 
-PARTS = ("facenet", "dlib", "lpips", "fid", "pixels", "metrics", "landmarks", "inpaint")
+PARTS = ("facenet", "dlib", "lpips", "fid", "pixels", "metrics", "pristine", "landmarks", "inpaint")
 
 
 def _template() -> np.ndarray:
@@ -53,7 +53,7 @@ def test_every_part_timed_on_eval_face_counts(capsys, mask):
         assert p["what"] == "eval_profile" and (p["batch"], p["rows"]) == (b, rows)
         assert p["ms"] > 0
     by_part = {p["part"]: p for p in parts}
-    for name in ("facenet", "dlib", "lpips", "fid", "metrics"):
+    for name in ("facenet", "dlib", "lpips", "fid", "metrics", "pristine"):
         assert by_part[name]["gflop"] > 0 and by_part[name]["compile_s"] >= 0
 
     # Each part runs its net on face_counts' images (which the next test reads off eval's own
@@ -67,6 +67,10 @@ def test_every_part_timed_on_eval_face_counts(capsys, mask):
     }
     for name, flops in expected.items():
         np.testing.assert_allclose(by_part[name]["gflop"], flops / 1e9, rtol=1e-3, err_msg=name)
+    # Pristine examples: FaceNet on their rows' faces, plus the uint8 conversion and the
+    # cosines (5% of this tiny net's arithmetic; (R + 3) x B faces would be 75% more).
+    facenet_alone = _flops(nets.identity.facenet, counts["pristine_identity"]) / 1e9
+    assert facenet_alone <= by_part["pristine"]["gflop"] <= 1.1 * facenet_alone
     # The whole function holds every part's arithmetic (and a little more: cosines, SSIM).
     parts_flops = sum(by_part[n]["gflop"] for n in ("facenet", "dlib", "lpips", "fid", "pixels"))
     assert by_part["metrics"]["gflop"] >= 0.99 * parts_flops
@@ -123,3 +127,9 @@ def test_face_counts_are_what_eval_scores():
         "fid": (counts["fid"],),
         "lpips": (counts["lpips"], b),
     }
+    seen.clear()
+    similarity_fn = functools.partial(runner.input_similarity, layout=layout)
+    jax.make_jaxpr(similarity_fn)(
+        arrays, uint8(b, *face), uint8(rows - 1, b, *face), dfrec["target"]
+    )
+    assert seen == {"facenet": (counts["pristine_identity"],)}

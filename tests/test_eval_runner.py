@@ -3,6 +3,8 @@ scoring networks: every field of metrics.json and table.md; the None, inpainting
 against independent recomputations on the same examples; grouping (pristine examples out of the
 target metrics, in the accuracy); max_examples; padding; perturbations; errors; report tables."""
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -64,10 +66,31 @@ def workdir(tiny_run, tmp_path_factory):
     return str(copy)
 
 
+SCORER_CALLS = {}  # scorer -> images per call, as `clean`'s eval ran them
+
+
+def _counted(name, scorer):
+    """`scorer` recording how many images each call of the compiled program gives it."""
+
+    def counted(x, *rest):
+        jax.debug.callback(functools.partial(SCORER_CALLS.setdefault(name, []).append, len(x)))
+        return scorer(x, *rest)
+
+    return counted
+
+
 @pytest.fixture(scope="module")
 def clean(data, nets, workdir):
     config, _ = data
-    metrics = runner.run(config.copy_and_resolve_references(), workdir=workdir, nets=nets)
+    counted = dataclasses.replace(
+        nets,
+        identity=identity.IdentityNets(
+            **{name: _counted(name, getattr(nets.identity, name)) for name in identity.NAMES}
+        ),
+        fid_features=_counted("fid_features", nets.fid_features),
+        lpips=_counted("lpips", nets.lpips),
+    )
+    metrics = runner.run(config.copy_and_resolve_references(), workdir=workdir, nets=counted)
     return metrics, os.path.join(workdir, "eval", "test")
 
 
@@ -269,6 +292,23 @@ def test_dfrec_row_matches_the_model(clean, data, nets, workdir):
     for group, (_, population) in _groups(ex).items():
         expected = _auc(out["forgery_logit"][population], ex["label"][population])
         assert dfrec[group]["auc"] == pytest.approx(expected), group
+
+
+def test_pristine_examples_are_scored_by_facenet_alone(clean, data):
+    """The split's 6 forgeries and 6 pristine examples come in two padded batches of 8, each
+    mixed; they are scored apart: one batch of forgeries through every scorer, one of pristine
+    examples through FaceNet alone (IDSim(input, recovered target), all they add to the
+    tables). Scoring each batch read would run every scorer twice. Rows R = 4: FaceNet and
+    dlib embed (R + 3) x 8 distinct faces of the forgeries, FaceNet R x 8 of the pristine."""
+    _, ex = data
+    assert np.sum(ex["label"] == 1) == np.sum(ex["label"] == 0) == 6
+    rows = 4
+    assert {name: sorted(calls) for name, calls in SCORER_CALLS.items()} == {
+        "facenet": sorted([(rows + 3) * BATCH, rows * BATCH]),
+        "dlib": [(rows + 3) * BATCH],
+        "lpips": [rows * BATCH],
+        "fid_features": [(rows + 1) * BATCH],
+    }
 
 
 def test_max_examples_and_checkpoint_flag(data, nets, workdir, tmp_path):

@@ -30,12 +30,16 @@ aggregated as one process would; process 0 alone writes. Per-sample values do no
 the other examples of a batch (per-image inference, per-row metrics), so the tables equal a
 one-process run's on the same examples (tests/test_multiprocess_eval.py).
 
-Per batch (fixed size, padded, so every jitted function compiles once): the model's predict is
-dispatched, the host meanwhile finds the inputs' landmarks and inpaints; then ONE jitted
-function embeds every recovered face of every row together with the inputs, sources and
-targets (one identity/Inception/LPIPS call each, not one per row or sample) and returns
-per-sample values; head pose comes from landmarks on the host. The weights of pytree
-networks (Inception, LPIPS) enter that function as arguments, not as program constants.
+Per batch read (fixed size, padded, so every jitted function compiles once): the model's
+predict is dispatched, the host meanwhile finds the inputs' landmarks and inpaints. The
+examples then queue by label and are scored in batches of the same fixed size. Forgeries: ONE
+jitted function (`device_metrics`) embeds every recovered face of every row together with the
+inputs, sources and targets (one identity/Inception/LPIPS call each, not one per row or
+sample) and returns per-sample values; head pose comes from landmarks on the host. Pristine
+examples enter only recovery accuracy and AUC, so they get FaceNet on their rows alone
+(`input_similarity`; their other per-sample values are NaN and no table reads them): on the
+demo's test split, 170 of 320 examples are pristine. The weights of pytree networks
+(Inception, LPIPS) enter those functions as arguments, not as program constants.
 
 Outputs in W/eval/<split>[_<name>[_<level>]]: metrics.json (indent 2, sorted keys) and
 table.md (dfrec_jax/eval/report.py). `--perturb NAME` without a level evaluates each level of
@@ -185,15 +189,72 @@ def device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *,
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("layout",))
+def input_similarity(arrays, images, baseline_targets, dfrec_target, *, layout):
+    """IDSim(input, recovered target) with FaceNet [R,B], every row of a batch: all that a
+    PRISTINE example adds to the tables (recovery accuracy; module docstring), so pristine
+    examples are scored with this instead of `device_metrics`. Arguments as device_metrics's
+    (dfrec_target: the model's float target); the same embeddings and cosine."""
+    facenet = layout(arrays)[SCORERS.index("facenet")]
+    unit = lambda x: x.astype(jnp.float32) / 255.0  # noqa: E731
+    images, others = unit(images), unit(baseline_targets[1:])
+    b = images.shape[0]
+    faces = [images, others.reshape((-1,) + images.shape[1:]), dfrec_target]
+    emb = facenet(jnp.concatenate(faces))
+    i = emb[:b]
+    recovered = jnp.concatenate([i[None], emb[b:].reshape(-1, b, emb.shape[-1])])
+    return identity.cosine(recovered, i[None])
+
+
 # ----------------------------------------------------------------------------- one pass
+
+PRISTINE, FORGED = 0, 1  # the pipeline's labels
+# Per-example values every example has, whatever its label, and their dtypes in `samples`.
+META_DTYPES = {"label": np.int32, "method_id": np.int32, "has_mask": bool,
+               "forgery_logit": np.float64}  # fmt: skip
 
 
 def _concat(parts: list[dict]) -> dict:
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
 
 
+def _take(examples: dict, which) -> dict:
+    return {k: v[which] for k, v in examples.items()}
+
+
+class _Queue:
+    """Prepared examples of one label waiting to be scored in batches of the eval batch size
+    (fixed shapes: each scoring program compiles once), first in, first out."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.parts, self.count = batch_size, [], 0
+
+    def add(self, examples: dict) -> None:
+        n = len(examples["image"])
+        if n:
+            self.parts.append(examples)
+            self.count += n
+
+    def batches(self, flush: bool = False):
+        """(batch, n real examples) while a whole batch is queued; with `flush`, the rest too,
+        padded with copies of its first example (their values are dropped)."""
+        while self.count >= self.batch_size or (flush and self.count):
+            queued = _concat(self.parts)
+            n = min(self.count, self.batch_size)
+            batch, rest = _take(queued, slice(0, n)), _take(queued, slice(n, None))
+            if n < self.batch_size:
+                batch = _take(batch, np.r_[0:n, np.zeros(self.batch_size - n, int)])
+            self.parts, self.count = [rest], self.count - n
+            yield batch, n
+
+
 class _Evaluator:
-    """Scores every row on the batches of a split; per-sample values stay on the host."""
+    """Scores every row on the batches of a split; per-sample values stay on the host.
+
+    Forgeries and pristine examples are scored apart, each in full batches: a pristine
+    example adds only its recovery accuracy (IDSim(input, recovered target)) and its forgery
+    logit to the tables, so FaceNet alone runs on its rows (`input_similarity`), not dlib,
+    LPIPS, Inception or the pose landmarks (`device_metrics`); its other values are NaN."""
 
     def __init__(self, model: trained_lib.TrainedModel, nets: EvalNets, eval_config, seed: int):
         self.model, self.nets, self.cfg, self.seed = model, nets, eval_config, seed
@@ -218,22 +279,42 @@ class _Evaluator:
             return baselines.landmark_region(input_landmarks, size)
         return np.broadcast_to(baselines.fixed_region(size), (len(input_landmarks), size, size))
 
-    def _batch(self, batch: dict) -> dict:
-        """Per-sample values of one (padded) batch, every array with a leading [B] axis."""
+    def _prepare(self, batch: dict) -> dict:
+        """The real examples of one padded batch with what scoring needs: the model's outputs,
+        the inputs' landmarks, the baselines' regions and inpainted images [B,M,S,S,3]."""
         images, size = batch["image"], batch["image"].shape[1]
         predicted = self.model.predict(images)  # dispatched: the host works meanwhile
         input_landmarks = self.nets.landmarks(images)
         regions = self._regions(input_landmarks, size)
         radius = int(self.cfg.inpaint_radius)
-        baseline_targets = np.stack(
-            [images] + [baselines.inpaint(images, regions, m, radius) for m in self.methods]
+        inpainted = [baselines.inpaint(images, regions, m, radius) for m in self.methods]
+        predicted = jax.device_get(predicted)
+        examples = _take(batch, slice(None))
+        examples.update(
+            input_landmarks=input_landmarks,
+            regions=regions,
+            inpainted=np.stack(inpainted, axis=1) if inpainted else images[:, :0],
+            forgery_logit=np.asarray(predicted["forgery_logit"], np.float64),
+            **{f"dfrec_{k}": np.asarray(predicted[k]) for k in ("target", "source", "seg")},
         )
-        dfrec = {k: predicted[k] for k in ("target", "source")}
+        return _take(examples, batch["valid"] > 0)
+
+    @staticmethod
+    def _baseline_targets(examples: dict) -> np.ndarray:
+        """uint8 [R-1,B,S,S,3]: the input itself (row "none"), then each inpainting."""
+        return np.concatenate([examples["image"][None], np.moveaxis(examples["inpainted"], 1, 0)])
+
+    def _score_forged(self, examples: dict, n: int) -> dict:
+        """Every per-sample value of a batch of forgeries (the first n real) and their FID
+        features."""
+        images, size = examples["image"], examples["image"].shape[1]
+        baseline_targets = self._baseline_targets(examples)
+        dfrec = {"target": examples["dfrec_target"], "source": examples["dfrec_source"]}
         device = device_metrics(
             self.arrays,
             images,
-            batch["source"],
-            batch["target"],
+            examples["source"],
+            examples["target"],
             baseline_targets,
             dfrec,
             layout=self.layout,
@@ -241,29 +322,49 @@ class _Evaluator:
         # Head pose of the true targets and of each row's recovered target: one landmark call.
         # The "none" row's target is the input, whose landmarks are known already.
         recovered = np.concatenate(
-            [*baseline_targets[1:], image_io.to_uint8(predicted["target"])]
+            [*baseline_targets[1:], image_io.to_uint8(examples["dfrec_target"])]
         )
-        points = self.nets.landmarks(np.concatenate([batch["target"], recovered]))
-        points = np.concatenate([points[: len(images)], input_landmarks, points[len(images) :]])
-        poses = pose.head_pose(points, size).reshape(len(self.rows) + 1, len(images), 3)
+        points = self.nets.landmarks(np.concatenate([examples["target"], recovered]))
+        b = len(images)
+        points = np.concatenate([points[:b], examples["input_landmarks"], points[b:]])
+        poses = pose.head_pose(points, size).reshape(len(self.rows) + 1, b, 3)
         device = jax.device_get(device)
-        rows, fid = {}, {"target": device["fid_target"]}
+        rows, fid = {}, {"target": device["fid_target"][:n]}
         for r, row in enumerate(self.rows):
             values = {k: device[k][r] for k in DEVICE_METRICS}
             values["pose_error"] = pose.angle_error(poses[r + 1], poses[0])
             if row in SOURCE_ROWS:
                 values.update({k: device[k][SOURCE_ROWS.index(row)] for k in SOURCE_METRICS})
             if row == "dfrec":
-                values["mask_iou"] = metrics.mask_iou(np.asarray(predicted["seg"]), batch["mask"])
+                values["mask_iou"] = metrics.mask_iou(examples["dfrec_seg"], examples["mask"])
             elif row != "none":
-                values["mask_iou"] = metrics.mask_iou(regions, batch["mask"])
-            rows[row] = values
-            fid[row] = device["fid_recovered"][r]
-        return {
-            "rows": rows,
-            "fid": fid,
-            "forgery_logit": np.asarray(predicted["forgery_logit"], np.float64),
-        }
+                values["mask_iou"] = metrics.mask_iou(examples["regions"], examples["mask"])
+            rows[row] = {k: np.asarray(v, np.float64)[:n] for k, v in values.items()}
+            fid[row] = device["fid_recovered"][r][:n]
+        return {"rows": rows, "fid": fid}
+
+    def _row_keys(self, row: str) -> tuple[str, ...]:
+        """The per-sample values of a row, as _score_forged gives them."""
+        keys = DEVICE_METRICS + ("pose_error",)
+        keys += SOURCE_METRICS if row in SOURCE_ROWS else ()
+        return keys + (("mask_iou",) if row != "none" else ())
+
+    def _score_pristine(self, examples: dict, n: int) -> dict:
+        """A batch of pristine examples: IDSim(input, recovered target) of every row, NaN for
+        the values no table reads of them."""
+        similarity = input_similarity(
+            self.arrays,
+            examples["image"],
+            self._baseline_targets(examples),
+            examples["dfrec_target"],
+            layout=self.layout,
+        )
+        similarity = np.asarray(jax.device_get(similarity), np.float64)[:, :n]
+        rows = {}
+        for r, row in enumerate(self.rows):
+            rows[row] = {k: np.full(n, np.nan) for k in self._row_keys(row)}
+            rows[row]["idsim_input_facenet"] = similarity[r]
+        return {"rows": rows}
 
     def samples(self, examples, perturb_spec: str) -> dict:
         """Per-sample values and labels of every example of `examples` (an
@@ -284,31 +385,64 @@ class _Evaluator:
         largest = max(input_pipeline.part_sizes(total, processes))
         show = largest > 0 and index == 0  # one progress line per job
         progress = Progress(-(-largest // batch_size), every=10) if show else None
-        parts = []
+        queues = {FORGED: _Queue(batch_size), PRISTINE: _Queue(batch_size)}
+        score = {FORGED: self._score_forged, PRISTINE: self._score_pristine}
+        labels, scored = [], {FORGED: [], PRISTINE: []}
         for i, batch in enumerate(dataset.as_numpy_iterator()):
             if progress is not None:
                 progress.update(i, images_per_step=batch_size)
-            keep = batch["valid"] > 0
-            if not keep.any() and parts:  # an all-padding batch is scored only when a
-                continue  # process part is empty: its (empty) values still have the layout
-            values = self._batch(batch)
-            forged = batch["label"][keep] == 1
-            fid = {k: v[keep][forged] for k, v in values["fid"].items()}  # the FID sets
-            parts.append(
-                {
-                    "method_id": batch["method_id"][keep],
-                    "label": batch["label"][keep],
-                    "has_mask": batch["has_mask"][keep] > 0,
-                    "forgery_logit": values["forgery_logit"][keep],
-                    "rows": jax.tree.map(lambda v: v[keep], values["rows"]),
-                    "fid_method_id": batch["method_id"][keep][forged],
-                    "fid": fid,
-                }
-            )
+            if not (batch["valid"] > 0).any():
+                continue
+            prepared = self._prepare(batch)
+            labels.append({k: prepared[k] for k in META_DTYPES})
+            for label, queue in queues.items():
+                queue.add(_take(prepared, prepared["label"] == label))
+                scored[label] += [score[label](*b) for b in queue.batches()]
+        for label, queue in queues.items():
+            scored[label] += [score[label](*b) for b in queue.batches(flush=True)]
         if progress is not None:
             progress.update(progress.total_steps, images_per_step=batch_size)
-        samples = _concat(parts)
+        samples = self._in_split_order(labels, scored)
         return gather_samples(samples) if processes > 1 else samples
+
+    def _in_split_order(self, labels: list[dict], scored: dict) -> dict:
+        """The samples dict: each label's scored values (in split order within the label) put
+        back at their examples' places."""
+        # Fixed dtypes: gather_samples reads every process's bytes with this process's dtypes.
+        meta = {
+            k: np.concatenate([part[k] for part in labels] or [np.zeros(0)]).astype(dtype)
+            for k, dtype in META_DTYPES.items()
+        }
+        is_forged = meta["label"] == FORGED
+        rows = {}
+        for row in self.rows:
+            rows[row] = {}
+            for key in self._row_keys(row):
+                values = np.full(len(is_forged), np.nan)
+                for label, where in ((FORGED, is_forged), (PRISTINE, ~is_forged)):
+                    parts = [s["rows"][row][key] for s in scored[label]]
+                    values[where] = np.concatenate(parts) if parts else []
+                rows[row][key] = values
+        fid_rows = [s["fid"] for s in scored[FORGED]]
+        fid = _concat(fid_rows) if fid_rows else self._no_fid_features()
+        return {
+            "method_id": meta["method_id"],
+            "label": meta["label"],
+            "has_mask": meta["has_mask"],
+            "forgery_logit": meta["forgery_logit"],
+            "rows": rows,
+            "fid_method_id": meta["method_id"][is_forged],
+            "fid": fid,
+        }
+
+    def _no_fid_features(self) -> dict:
+        """Empty [0, D] FID feature sets (no forgery in this process's part)."""
+        size = self.model.image_size
+        fid_features = lambda arrays, x: self.layout(arrays)[SCORERS.index("fid_features")](x)  # noqa: E731
+        shape = jax.eval_shape(fid_features, self.arrays,
+                               jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))  # fmt: skip
+        empty = np.zeros((0, shape.shape[-1]), shape.dtype)
+        return {key: empty for key in ("target",) + self.rows}
 
 
 def gather_samples(samples: dict) -> dict:
