@@ -125,13 +125,15 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
     batch_s = sum(parts[name]["seconds"] for name in ("metrics", "landmarks", "inpaint"))
     results = []
     for name, measured in parts.items():
+        # Shares of a batch of forgeries (metrics + landmarks + inpaint); pristine is another.
+        share = None if name == "pristine" else round(measured["seconds"] / batch_s, 3)
         results.append({
             "what": "eval_profile",
             "part": name,
             "batch": b,
             "rows": rows,
             "ms": timing.significant(1e3 * measured["seconds"]),
-            "share_of_batch": round(measured["seconds"] / batch_s, 3),
+            "share_of_batch": share,
             **timing.rate_fields(measured.get("flops"), measured["seconds"], peak),
             "compile_s": round(measured["compile_s"], 1) if "compile_s" in measured else None,
         })  # fmt: skip

@@ -85,6 +85,7 @@ def test_every_part_timed_on_eval_face_counts(capsys, mask):
     np.testing.assert_allclose(summary["batch_ms"], batch_ms, rtol=1e-3)
     np.testing.assert_allclose(summary["img_per_s"], b / (batch_ms / 1e3), rtol=1e-3)
     assert summary["slowest_part"] in PARTS[:5] and summary["peak_matmul_tflops"] > 0
+    assert by_part["pristine"]["share_of_batch"] is None  # not part of a batch of forgeries
     shares = [by_part[n]["share_of_batch"] for n in ("metrics", "landmarks", "inpaint")]
     np.testing.assert_allclose(sum(shares), 1.0, atol=0.01)
 

@@ -311,6 +311,47 @@ def test_pristine_examples_are_scored_by_facenet_alone(clean, data):
     }
 
 
+@pytest.mark.parametrize("methods", [("telea", "ns"), ()])
+def test_samples_come_back_in_split_order(data, nets, workdir, methods):
+    """Batches of 3: forgeries and pristine examples fill their queues at different times, in
+    several batches each with a padded rest; every per-sample value is its own example's
+    (pristine ones: IDSim(input, recovered target) of every row, the rest NaN). Without
+    inpainting methods the rows are None and DFREC alone."""
+    config, ex = data
+    config = config.copy_and_resolve_references()
+    config.eval.batch_size, config.eval.inpaint_methods = 3, methods
+    model = trained_lib.load(workdir=workdir)
+    _, examples = runner._examples(config, "test", model.image_size)
+    evaluator = runner._Evaluator(model, nets, config.eval, seed=int(config.data.seed))
+    samples = evaluator.samples(examples, "")
+    assert evaluator.rows == ("none", *(f"inpaint_{m}" for m in methods), "dfrec")
+    np.testing.assert_array_equal(samples["label"], ex["label"])
+    np.testing.assert_array_equal(samples["method_id"], ex["method_id"])
+    forged = ex["label"] == 1
+    np.testing.assert_array_equal(samples["fid_method_id"], ex["method_id"][forged])
+    assert all(len(v) == forged.sum() for v in samples["fid"].values())
+
+    embed = lambda x: np.asarray(nets.identity.facenet(jnp.asarray(x, jnp.float32)))  # noqa: E731
+    image, target = embed(_unit(ex["image"])), embed(_unit(ex["target"]))
+    predicted = jax.device_get(model.predict(ex["image"]))
+    recovered = {"none": image, "dfrec": embed(predicted["target"])}
+    regions = baselines.landmark_region(nets.landmarks(ex["image"]), tiny.IMAGE_SIZE)
+    radius = int(config.eval.inpaint_radius)
+    for m in methods:
+        filled = baselines.inpaint(ex["image"], regions, m, radius)
+        recovered[f"inpaint_{m}"] = embed(_unit(filled))
+    for row, values in samples["rows"].items():
+        np.testing.assert_allclose(
+            values["idsim_input_facenet"], _cosine(recovered[row], image), atol=1e-5, err_msg=row
+        )
+        expected = _cosine(recovered[row], target)
+        np.testing.assert_allclose(
+            values["idsim_target_facenet"][forged], expected[forged], atol=1e-5, err_msg=row
+        )
+        for key, value in values.items():
+            assert key == "idsim_input_facenet" or np.isnan(value[~forged]).all(), (row, key)
+
+
 def test_max_examples_and_checkpoint_flag(data, nets, workdir, tmp_path):
     """Only the first N examples count; with --checkpoint alone the results go beside it."""
     config, ex = data

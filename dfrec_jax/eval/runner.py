@@ -289,11 +289,13 @@ class _Evaluator:
         radius = int(self.cfg.inpaint_radius)
         inpainted = [baselines.inpaint(images, regions, m, radius) for m in self.methods]
         predicted = jax.device_get(predicted)
-        examples = _take(batch, slice(None))
+        examples = dict(batch)
         examples.update(
             input_landmarks=input_landmarks,
             regions=regions,
-            inpainted=np.stack(inpainted, axis=1) if inpainted else images[:, :0],
+            inpainted=np.stack(inpainted, axis=1)
+            if inpainted
+            else np.zeros((len(images), 0) + images.shape[1:], images.dtype),
             forgery_logit=np.asarray(predicted["forgery_logit"], np.float64),
             **{f"dfrec_{k}": np.asarray(predicted[k]) for k in ("target", "source", "seg")},
         )
@@ -339,12 +341,13 @@ class _Evaluator:
                 values["mask_iou"] = metrics.mask_iou(examples["dfrec_seg"], examples["mask"])
             elif row != "none":
                 values["mask_iou"] = metrics.mask_iou(examples["regions"], examples["mask"])
-            rows[row] = {k: np.asarray(v, np.float64)[:n] for k, v in values.items()}
+            rows[row] = {k: np.asarray(values[k], np.float64)[:n] for k in self._row_keys(row)}
             fid[row] = device["fid_recovered"][r][:n]
         return {"rows": rows, "fid": fid}
 
-    def _row_keys(self, row: str) -> tuple[str, ...]:
-        """The per-sample values of a row, as _score_forged gives them."""
+    @staticmethod
+    def _row_keys(row: str) -> tuple[str, ...]:
+        """The per-sample values of a row (every scorer gives these keys)."""
         keys = DEVICE_METRICS + ("pose_error",)
         keys += SOURCE_METRICS if row in SOURCE_ROWS else ()
         return keys + (("mask_iou",) if row != "none" else ())
