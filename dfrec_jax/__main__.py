@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from data_pipelines import samples as samples_lib
 from dfrec_jax import (
     bench,
+    compile_cache,
     convert,
     export,
     forward,
@@ -297,6 +298,7 @@ def quiet_library_logs() -> None:
 def main(argv):
     quiet_library_logs()
     gc_policy.collect_less()  # full GC passes over the imported heap: see run/gc_policy.py
+    compile_cache.enable()  # before anything compiles (dfrec_jax/compile_cache.py)
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m dfrec_jax {{{'|'.join(COMMANDS)}}} --config FILE")
     command = argv[1]

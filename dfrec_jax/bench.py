@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfrec_jax import (
+    compile_cache,
     configlib,
     conv_profile,
     inference,
@@ -427,4 +428,6 @@ def run(what: str, config, **kwargs) -> None:
     if what not in BENCHES:
         raise ValueError(f"unknown bench {what!r}; known: {', '.join(sorted(BENCHES))}")
     for result in BENCHES[what](config, **kwargs):
+        # Read from the persistent cache so far in this process (0: every compile_s was XLA's).
+        result["compile_cache_hits"] = compile_cache.hits()
         print(json.dumps(result), flush=True)
