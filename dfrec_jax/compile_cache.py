@@ -2,33 +2,30 @@
 
 A process that compiles a program XLA has compiled before with the same flags reads the
 executable back from disk: a run resumed after preemption, a second `eval` or `bench`, sweep
-points of equal shapes. The demo train step on 2 Xeon cores: 74 s cold, 20 s warm (tracing
+points of equal shapes. The demo train step on 2 Xeon cores: 69 s cold, 18 s warm (tracing
 and lowering in Python remain; README, Training).
 
-Where: $DFREC_COMPILATION_CACHE, else $XDG_CACHE_HOME/dfrec_jax/xla (~/.cache/dfrec_jax/xla),
-in a subfolder per machine signature. JAX's cache key names the backend ("cpu") but not the
-CPU, and XLA:CPU compiles for the host's instruction set, so an entry written on one CPU type
-must not be read on another (a home folder shared by a cluster's nodes): the signature hashes
-the architecture, the CPU model and feature flags and the jaxlib version. Entries beyond
-MAX_BYTES are dropped least recently used first (JAX's LRU cache, which locks with filelock).
-DFREC_COMPILATION_CACHE=off turns it off; a folder JAX already has (JAX_COMPILATION_CACHE_DIR,
-the tests' per-session cache) is used as it is.
+Where: $DFREC_COMPILATION_CACHE (a local folder or a gs:// URL), else
+$XDG_CACHE_HOME/dfrec_jax/xla (~/.cache/dfrec_jax/xla). One folder can serve several kinds of
+machine: JAX's cache key holds the device topology's fingerprint, which on CPU covers the
+instruction set XLA compiles for (it changes with --xla_cpu_max_isa, measured). No size cap:
+JAX's capped (LRU) cache in jax 0.10.2 stops writing for good once a killed process leaves an
+entry without its access-time file (jax-ml/jax#39880); entries are a few MB each (the demo
+step 3.7 MB), and deleting the folder is always safe. DFREC_COMPILATION_CACHE=off turns it
+off; a folder JAX already has (JAX_COMPILATION_CACHE_DIR, the tests' session cache) is kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
 import sys
 
 import jax
-import jaxlib
+
+from dfrec_jax import paths
 
 ENV = "DFREC_COMPILATION_CACHE"
 OFF = ("off", "0", "false", "none")
-MAX_BYTES = 2 << 30
-_CPU_KEYS = ("model name", "flags", "Features", "CPU implementer", "CPU part")
 
 _hits = [0]
 
@@ -46,47 +43,33 @@ def hits() -> int:
     return _hits[0]
 
 
-def machine_signature() -> str:
-    """12 hex digits naming what an XLA:CPU executable depends on (module docstring)."""
-    parts = [platform.machine(), jaxlib.__version__]
-    try:
-        with open("/proc/cpuinfo") as f:
-            seen = {}
-            for line in f:
-                key = line.partition(":")[0].strip()
-                if key in _CPU_KEYS and key not in seen:
-                    seen[key] = line.strip()
-            parts += [seen[k] for k in sorted(seen)]
-    except OSError:  # no /proc (macOS): the processor string is what there is
-        parts.append(platform.processor())
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-
-
 def directory(environ=os.environ) -> str | None:
     """The cache folder the environment asks for (None: off)."""
     value = environ.get(ENV, "").strip()
     if value.lower() in OFF and value:
         return None
-    if not value:
-        home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        value = os.path.join(home, "dfrec_jax", "xla")
-    return os.path.join(value, machine_signature())
+    if value:
+        return paths.resolve(value)
+    home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "dfrec_jax", "xla")
 
 
 def enable(environ=os.environ) -> str | None:
-    """Turns the cache on before the first compile; returns its folder (None: off). A folder
-    that cannot be made is one warning line on stderr, and the command runs without a cache."""
+    """Turns the cache on before the first compile; returns its folder (None: off). A local
+    folder that cannot be made or written is one warning line on stderr, and the command runs
+    without a cache."""
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
     path = directory(environ)
     if path is None:
         return None
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        print(f"warning: no compilation cache ({ENV}): {e}", file=sys.stderr)
-        return None
+    if not paths.is_remote(path):
+        try:
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(f"{path} is not writable")
+        except OSError as e:
+            print(f"warning: no compilation cache ({ENV}): {e}", file=sys.stderr)
+            return None
     jax.config.update("jax_compilation_cache_dir", path)
-    if jax.config.jax_compilation_cache_max_size == -1:
-        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

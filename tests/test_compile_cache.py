@@ -3,7 +3,6 @@ second process reads what the first compiled, and that a bad folder does not sto
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -14,15 +13,12 @@ import pytest
 from dfrec_jax import compile_cache, configlib
 
 
-def test_folder_per_machine_signature(tmp_path):
-    signature = compile_cache.machine_signature()
-    assert re.fullmatch(r"[0-9a-f]{12}", signature)
-    assert signature == compile_cache.machine_signature()
+def test_folder_from_the_environment(tmp_path):
     chosen = str(tmp_path / "cc")
-    assert compile_cache.directory({compile_cache.ENV: chosen}) == os.path.join(chosen, signature)
-    assert compile_cache.directory({"XDG_CACHE_HOME": "/x"}) == f"/x/dfrec_jax/xla/{signature}"
-    default = os.path.expanduser(f"~/.cache/dfrec_jax/xla/{signature}")
-    assert compile_cache.directory({}) == default
+    assert compile_cache.directory({compile_cache.ENV: chosen}) == chosen
+    assert compile_cache.directory({compile_cache.ENV: "gs://b/cc"}) == "gs://b/cc"
+    assert compile_cache.directory({"XDG_CACHE_HOME": "/x"}) == "/x/dfrec_jax/xla"
+    assert compile_cache.directory({}) == os.path.expanduser("~/.cache/dfrec_jax/xla")
     for off in ("off", "OFF", "0", "none"):
         assert compile_cache.directory({compile_cache.ENV: off}) is None
 
@@ -30,11 +26,10 @@ def test_folder_per_machine_signature(tmp_path):
 @pytest.fixture
 def no_jax_cache_folder():
     """JAX without a cache folder (the tests' conftest gives it one), restored after."""
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+    before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
     yield
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_compilation_cache_max_size", before[1])
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_a_folder_jax_already_has_is_kept(tmp_path):
@@ -44,11 +39,10 @@ def test_a_folder_jax_already_has_is_kept(tmp_path):
     assert jax.config.jax_compilation_cache_dir == kept
 
 
-def test_enable_sets_folder_and_size_cap(tmp_path, no_jax_cache_folder):
+def test_enable_sets_the_folder(tmp_path, no_jax_cache_folder):
     path = compile_cache.enable({compile_cache.ENV: str(tmp_path / "cc")})
-    assert path == os.path.join(tmp_path, "cc", compile_cache.machine_signature())
+    assert path == str(tmp_path / "cc")
     assert os.path.isdir(path) and jax.config.jax_compilation_cache_dir == path
-    assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES
 
 
 def test_off_and_unusable_folders_leave_it_off(tmp_path, capsys, no_jax_cache_folder):
@@ -73,8 +67,8 @@ def _bench_forward(config_file, environ):
 
 def test_second_process_reads_what_the_first_compiled(tmp_path):
     """The CLI turns the cache on by itself: the first `bench` writes entries into the
-    machine's subfolder, the second reads its programs from there; damaged entries are
-    compiled again."""
+    folder, the second reads them, all but one damaged on purpose (a full disk,
+    a killed writer), which it compiles again."""
     config_file = tmp_path / "tiny_config.py"
     config_file.write_text(
         textwrap.dedent("""
@@ -88,14 +82,9 @@ def test_second_process_reads_what_the_first_compiled(tmp_path):
     environ[compile_cache.ENV] = str(tmp_path / "cc")
     environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache the tiny programs too
     first = _bench_forward(config_file, environ)
-    folder = tmp_path / "cc" / compile_cache.machine_signature()
-    entries = sorted(p.name for p in folder.iterdir())
-    assert first["compile_cache_hits"] == 0 and any(n.endswith("-cache") for n in entries)
+    folder = tmp_path / "cc"
+    entries = sorted(folder.glob("*-cache"), key=lambda p: p.stat().st_size)
+    assert first["compile_cache_hits"] == 0 and len(entries) >= 2
+    entries[-1].write_bytes(b"not an executable")  # the largest: the model's forward
     second = _bench_forward(config_file, environ)
-    assert second["compile_cache_hits"] > 0
-    # A damaged entry (a full disk, a killed writer) is JAX's warning and a recompile.
-    for name in entries:
-        if name.endswith("-cache"):
-            (folder / name).write_bytes(b"not an executable")
-    third = _bench_forward(config_file, environ)
-    assert third["compile_cache_hits"] == 0
+    assert 1 <= second["compile_cache_hits"] <= len(entries) - 1
