@@ -428,6 +428,6 @@ def run(what: str, config, **kwargs) -> None:
     if what not in BENCHES:
         raise ValueError(f"unknown bench {what!r}; known: {', '.join(sorted(BENCHES))}")
     for result in BENCHES[what](config, **kwargs):
-        # Read from the persistent cache so far in this process (0: every compile_s was XLA's).
+        # Programs this process has read from the persistent cache by now (0: all compiled).
         result["compile_cache_hits"] = compile_cache.hits()
         print(json.dumps(result), flush=True)
