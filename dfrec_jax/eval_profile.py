@@ -100,7 +100,7 @@ def profile_eval(config, batch_size: int | None = None, repeats: int = 3, *, net
     programs["metrics"] = (device_metrics, (arrays, images, faces(b), faces(b),
                                             baseline_targets, dfrec))  # fmt: skip
     input_similarity = jax.jit(functools.partial(runner.input_similarity, layout=layout))
-    programs["pristine"] = (input_similarity, (arrays, images, baseline_targets, dfrec["target"]))
+    programs["pristine"] = (input_similarity, (arrays, baseline_targets, dfrec["target"]))
     parts = {
         name: timing.compile_and_time(fn, *args, repeats=repeats)
         for name, (fn, args) in programs.items()

@@ -130,7 +130,5 @@ def test_face_counts_are_what_eval_scores():
     }
     seen.clear()
     similarity_fn = functools.partial(runner.input_similarity, layout=layout)
-    jax.make_jaxpr(similarity_fn)(
-        arrays, uint8(b, *face), uint8(rows - 1, b, *face), dfrec["target"]
-    )
+    jax.make_jaxpr(similarity_fn)(arrays, uint8(rows - 1, b, *face), dfrec["target"])
     assert seen == {"facenet": (counts["pristine_identity"],)}

@@ -148,6 +148,16 @@ def split_scorers(nets: EvalNets):
     return losses.split_frozen(tuple(by_name[name] for name in SCORERS))
 
 
+def _unit(x):
+    return x.astype(jnp.float32) / 255.0
+
+
+def _recovered_rows(baseline_targets, dfrec_target):
+    """Float [R,B,S,S,3] recovered targets of every row: the input ("none"), each inpainting
+    (uint8 baseline_targets [R-1,B,S,S,3]), then DFREC's."""
+    return jnp.concatenate([_unit(baseline_targets), dfrec_target[None]], axis=0)
+
+
 @functools.partial(jax.jit, static_argnames=("layout",))
 def device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *, layout):
     """Per-sample metrics of every row of one batch.
@@ -159,9 +169,8 @@ def device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *,
     """
     facenet, dlib, fid_features, lpips = layout(arrays)
     identity_nets = identity.IdentityNets(facenet=facenet, dlib=dlib)
-    unit = lambda x: x.astype(jnp.float32) / 255.0  # noqa: E731
-    images, sources, targets = unit(images), unit(sources), unit(targets)
-    recovered = jnp.concatenate([unit(baseline_targets), dfrec["target"][None]], axis=0)
+    images, sources, targets = _unit(images), _unit(sources), _unit(targets)
+    recovered = _recovered_rows(baseline_targets, dfrec["target"])
     rec_sources = jnp.stack([images, dfrec["source"]])
     rows, b = recovered.shape[:2]
     flat = recovered.reshape((rows * b,) + recovered.shape[2:])
@@ -190,20 +199,17 @@ def device_metrics(arrays, images, sources, targets, baseline_targets, dfrec, *,
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
-def input_similarity(arrays, images, baseline_targets, dfrec_target, *, layout):
+def input_similarity(arrays, baseline_targets, dfrec_target, *, layout):
     """IDSim(input, recovered target) with FaceNet [R,B], every row of a batch: all that a
     PRISTINE example adds to the tables (recovery accuracy; module docstring), so pristine
     examples are scored with this instead of `device_metrics`. Arguments as device_metrics's
-    (dfrec_target: the model's float target); the same embeddings and cosine."""
+    (row "none" of baseline_targets is the input; dfrec_target: the model's float target);
+    the same embeddings and cosine."""
     facenet = layout(arrays)[SCORERS.index("facenet")]
-    unit = lambda x: x.astype(jnp.float32) / 255.0  # noqa: E731
-    images, others = unit(images), unit(baseline_targets[1:])
-    b = images.shape[0]
-    faces = [images, others.reshape((-1,) + images.shape[1:]), dfrec_target]
-    emb = facenet(jnp.concatenate(faces))
-    i = emb[:b]
-    recovered = jnp.concatenate([i[None], emb[b:].reshape(-1, b, emb.shape[-1])])
-    return identity.cosine(recovered, i[None])
+    recovered = _recovered_rows(baseline_targets, dfrec_target)
+    rows, b = recovered.shape[:2]
+    emb = facenet(recovered.reshape((rows * b,) + recovered.shape[2:])).reshape(rows, b, -1)
+    return identity.cosine(emb, emb[:1])
 
 
 # ----------------------------------------------------------------------------- one pass
@@ -357,7 +363,6 @@ class _Evaluator:
         the values no table reads of them."""
         similarity = input_similarity(
             self.arrays,
-            examples["image"],
             self._baseline_targets(examples),
             examples["dfrec_target"],
             layout=self.layout,
