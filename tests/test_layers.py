@@ -1,5 +1,5 @@
-"""Convolutions: the CPU paths (shifted-slice depthwise, pointwise matmul, padded-then-cropped
-unpadded convs) equal lax's."""
+"""Convolutions and pooling: the CPU paths (shifted-slice depthwise, pointwise matmul,
+padded-then-cropped unpadded convs, slice max-pool) equal lax's and flax's."""
 
 import flax.linen as nn
 import jax
@@ -227,4 +227,66 @@ def test_flax_conv_with_the_matmul_keeps_parameters_and_auto_names():
     assert set(variables["params"]) == {"Conv_0", "Conv_1"}
     np.testing.assert_allclose(
         ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def _bits(a) -> np.ndarray:
+    """The array's raw bits: equal bits, not merely equal values (-0.0 vs 0.0 count)."""
+    a = np.asarray(a)
+    return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+@pytest.mark.parametrize(
+    "shape,window,strides,padding,dtype",
+    [
+        ((2, 12, 12, 3), (2, 2), (2, 2), "VALID", jnp.float32),  # SIRM, VGG16
+        ((2, 13, 11, 3), (2, 2), (2, 2), "VALID", jnp.float32),  # odd sizes: last row dropped
+        ((2, 15, 15, 4), (3, 3), (2, 2), "VALID", jnp.float32),  # FaceNet, Inception: overlap
+        ((2, 14, 14, 4), (3, 3), (2, 2), "SAME", jnp.float32),  # face-api's reduction blocks
+        ((2, 9, 9, 4), (3, 3), (1, 1), ((1, 1), (1, 1)), jnp.float32),  # Inception's mixed_10
+        ((2, 15, 15, 4), (3, 3), (2, 2), "VALID", jnp.bfloat16),
+    ],
+)
+def test_max_pool_equals_flax_bit_for_bit_values_gradients_and_jvps(
+    shape, window, strides, padding, dtype
+):
+    """Inputs in steps of 0.5 (with -0.0 and 0.0) so most windows hold tied maxima: the
+    gradient must reach the same one element of each window as XLA's select-and-scatter."""
+    x = jnp.asarray(np.round(np.random.default_rng(0).normal(size=shape) * 2) / 2, dtype)
+    assert np.mean(np.asarray(x, np.float32) == 0) > 0.1  # ties, and zeros of both signs
+    reference = lambda x: nn.max_pool(x, window, strides, padding)  # noqa: E731
+    ours = lambda x: layers.max_pool(x, window, strides, padding)  # noqa: E731
+    cotangent = jax.random.normal(jax.random.key(1), reference(x).shape, dtype)
+    tangent = jax.random.normal(jax.random.key(2), shape, dtype)
+    for f in (jax.jit, lambda g: g):  # compiled and op by op
+        y_ref, vjp_ref = jax.vjp(f(reference), x)
+        y, vjp = jax.vjp(f(ours), x)
+        assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+        np.testing.assert_array_equal(_bits(y), _bits(y_ref))
+        np.testing.assert_array_equal(_bits(vjp(cotangent)[0]), _bits(vjp_ref(cotangent)[0]))
+        jvp_ref = jax.jvp(f(reference), (x,), (tangent,))[1]
+        np.testing.assert_array_equal(_bits(jax.jvp(f(ours), (x,), (tangent,))[1]), _bits(jvp_ref))
+    # Each window's cotangent lands on exactly one element (no sharing among tied maxima).
+    counts = jax.vjp(ours, x)[1](jnp.ones_like(cotangent))[0]
+    assert float(jnp.sum(counts)) == cotangent.size
+
+
+def test_max_pool_gradient_takes_the_first_maximum_of_a_window():
+    x = jnp.array([[1.0, 3.0], [3.0, 3.0]]).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, (2, 2), (2, 2))))(x)
+    np.testing.assert_array_equal(grad.reshape(2, 2), [[0.0, 1.0], [0.0, 0.0]])
+
+
+def test_max_pool_runs_as_slices_on_cpu_and_as_a_pool_elsewhere():
+    x = jnp.ones((1, 8, 8, 2))
+
+    def pool_grad(x):
+        return jax.grad(lambda x: jnp.sum(layers.max_pool(x, (3, 3), (2, 2)) ** 2))(x)
+
+    assert "select_and_scatter" in _lowered(pool_grad, "cuda", x)
+    cpu = _lowered(pool_grad, "cpu", x)
+    assert "select_and_scatter" not in cpu and "reduce_window" not in cpu
+    unbatched = jax.random.normal(jax.random.key(0), (8, 8, 2))  # not NHWC: nn.max_pool's
+    np.testing.assert_array_equal(
+        layers.max_pool(unbatched, (2, 2), (2, 2)), nn.max_pool(unbatched, (2, 2), (2, 2))
     )

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfrec_jax.models import layers
 from dfrec_jax.models.layers import Conv, ConvBNReLU
 
 # The released UNet's 3x3 convs carry a bias even though BatchNorm follows (kept for the
@@ -119,7 +120,7 @@ class SIRM(nn.Module):
         y = x.astype(self.dtype)
         for i, features in enumerate(self.channels):
             if i:
-                y = nn.max_pool(y, (2, 2), strides=(2, 2))
+                y = layers.max_pool(y, (2, 2), strides=(2, 2))
             y = ConvBlock(features, name=f"enc_{i}", **kw)(y, train)
             skips.append(y)
         source, identity = y[..., : self.source_channels], y[..., self.source_channels :]

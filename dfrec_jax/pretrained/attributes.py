@@ -199,7 +199,7 @@ class ReductionBlock(nn.Module):
         out = nn.relu(x) if self.activate_input else x
         out = SeparableConv(self.features, dtype=self.dtype, name="separable_conv0")(out)
         out = SeparableConv(self.features, dtype=self.dtype, name="separable_conv1")(nn.relu(out))
-        out = nn.max_pool(out, (3, 3), (2, 2), "SAME")
+        out = layers.max_pool(out, (3, 3), (2, 2), "SAME")
         return out + Conv(self.features, 1, 2, dtype=self.dtype, name="expansion_conv")(x)
 
 

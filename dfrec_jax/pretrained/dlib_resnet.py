@@ -94,7 +94,7 @@ class DlibResNet(nn.Module):
         mean = jnp.asarray(self.mean_rgb, jnp.float32)
         x = ((images.astype(jnp.float32) * 255.0 - mean) / 256.0).astype(self.dtype)
         x = nn.relu(conv_affine(x, self.stem_features, 7, 2))
-        x = nn.max_pool(x, (3, 3), (2, 2))
+        x = layers.max_pool(x, (3, 3), (2, 2))
         for features, blocks, downsample in self.stages:
             for b in range(blocks):
                 stride = 2 if downsample and b == 0 else 1

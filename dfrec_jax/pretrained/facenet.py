@@ -152,7 +152,7 @@ class Block8(_Residual):
 
 
 def _max_pool(x):
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    return layers.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
 
 class Mixed6a(_Block):

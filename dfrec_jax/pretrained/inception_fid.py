@@ -114,7 +114,7 @@ def _avg_pool_3x3(x):
 
 
 def _max_pool_3x3_s2(x):
-    return nn.max_pool(x, (3, 3), (2, 2), "VALID")
+    return layers.max_pool(x, (3, 3), (2, 2), "VALID")
 
 
 class Tower(nn.Module):
@@ -263,7 +263,7 @@ class InceptionE(_Block):
         b = self.conv(448, (1, 1), name="tower_1_conv")(x)
         b = self.conv(384, (3, 3), 1, (1, 1), name="tower_1_conv_1")(b)
         if self.max_pool:
-            pooled = nn.max_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
+            pooled = layers.max_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
         else:
             pooled = _avg_pool_3x3(x)
         return jnp.concatenate(

@@ -76,7 +76,7 @@ class VGGFeatures(nn.Module):
         outs, conv = [], 0
         for v in _STAGES[self.depth]:
             if v == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = layers.max_pool(x, (2, 2), strides=(2, 2))
                 continue
             x = layers.Conv(
                 v,
