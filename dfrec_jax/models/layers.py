@@ -230,10 +230,12 @@ def max_pool(x: jax.Array, window_shape, strides=None, padding: Padding = "VALID
     1.6 ms). On CPU the pool is instead the max of the window's kh*kw strided slices, with a
     custom JVP that passes each window's tangent from its FIRST maximum in row-major order,
     which is the element XLA's select-and-scatter (select = ge) picks on ties; JAX transposes
-    that JVP into pads whose sum runs in the order XLA's scatter adds, so values, gradients and
-    JVPs equal nn.max_pool's bit for bit (tests/test_layers.py, on inputs full of ties). A
-    window holding a NaN passes no gradient (XLA's gives it to one element). Elsewhere, and for
-    non-4-D inputs, nn.max_pool itself (`several_platforms`).
+    that JVP into pads whose sum runs in the order XLA's scatter adds, so values and gradients
+    equal nn.max_pool's bit for bit (tests/test_layers.py, on inputs full of ties). JVPs take
+    the same element as the gradient; nn.max_pool's own JVP does too under the tests' XLA flags,
+    not always with XLA's default optimisation (3x3/2 SAME: another tied element). Floating
+    inputs only; a window holding a NaN passes no gradient (XLA's gives it to one element).
+    Elsewhere, and for non-4-D inputs, nn.max_pool itself (`several_platforms`).
     """
     window_shape = tuple(window_shape)
     strides = tuple(strides) if strides is not None else (1,) * len(window_shape)
