@@ -254,28 +254,26 @@ def max_pool(x: jax.Array, window_shape, strides=None, padding: Padding = "VALID
     )
 
 
-def _pad_spatial(x: jax.Array, pads, value) -> jax.Array:
+def _padded_taps(x: jax.Array, window_shape, strides, pads, value) -> list[jax.Array]:
+    """The window's strided slices (`_window_taps`, row-major) of x padded with `value`."""
     config = ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0))
-    return jax.lax.pad(x, jnp.asarray(value, x.dtype), config)
+    padded = jax.lax.pad(x, jnp.asarray(value, x.dtype), config)
+    return [tap for _, tap in _window_taps(padded, window_shape, strides)]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _first_max_pool(x, window_shape, strides, pads):
-    out = None
-    for _, tap in _window_taps(_pad_spatial(x, pads, -jnp.inf), window_shape, strides):
-        out = tap if out is None else jnp.maximum(out, tap)
-    return out
+    return functools.reduce(jnp.maximum, _padded_taps(x, window_shape, strides, pads, -jnp.inf))
 
 
 @_first_max_pool.defjvp
 def _first_max_pool_jvp(window_shape, strides, pads, primals, tangents):
     (x,), (t,) = primals, tangents
-    y = _first_max_pool(x, window_shape, strides, pads)
-    taps = _window_taps(_pad_spatial(x, pads, -jnp.inf), window_shape, strides)
-    tangent_taps = _window_taps(_pad_spatial(t, pads, 0), window_shape, strides)
+    taps = _padded_taps(x, window_shape, strides, pads, -jnp.inf)
+    y = functools.reduce(jnp.maximum, taps)  # the primal, from the same slices
     taken = jnp.zeros(y.shape, bool)
     out = None
-    for (_, tap), (_, tangent) in zip(taps, tangent_taps):
+    for tap, tangent in zip(taps, _padded_taps(t, window_shape, strides, pads, 0)):
         first = (tap == y) & ~taken
         taken = taken | first
         term = jnp.where(first, tangent, jnp.zeros((), tangent.dtype))
