@@ -86,13 +86,20 @@ def build_loss_nets(loss_config) -> losses.LossNets:
     if loss_config.perceptual_size:
         # VGG is most of a step's FLOPs; the CPU demo runs it at half resolution.
         perceptual = Resized(perceptual, int(loss_config.perceptual_size))
+    identity = facenet.load_named(loss_config.identity_net, loss_config.identity_weights, "loss")
+    identity_size = int(loss_config.get("identity_size", 0))  # older saved configs lack it
+    if identity_size:
+        if identity_size < facenet.MIN_INPUT_SIZE:
+            raise ValueError(f"loss.identity_size must be 0 (FaceNet's {facenet.INPUT_SIZE}) "
+                             f"or >= {facenet.MIN_INPUT_SIZE}, got {identity_size}")  # fmt: skip
+        # FaceNet's time grows with its input's area; the CPU demo trades a little of its
+        # discrimination for it (configs/demo.py).
+        identity = identity.replace(input_size=identity_size)
     attribute = None
     if loss_config.attribute_net != "none":
         attribute = attributes.load_attribute_net(loss_config.attribute_net)
     nets = losses.LossNets(
-        identity=IdentityNet(
-            facenet.load_named(loss_config.identity_net, loss_config.identity_weights, "loss")
-        ),
+        identity=IdentityNet(identity),
         perceptual=perceptual,
         attribute=attribute,
     )

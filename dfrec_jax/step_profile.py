@@ -5,8 +5,9 @@ timed alone on synthetic data of the step's shapes, with its FLOPs from XLA's co
 
   model        DFREC forward + backward w.r.t. the parameters (train mode, batch statistics
                updated, masking included) with a unit cotangent on every output;
-  identity     the identity loss as the step runs it: FaceNet on the 2B recovered faces with
-               their gradient, and on the 2B true faces (no gradient);
+  identity     the identity loss as the step runs it: FaceNet (at loss.identity_size when
+               set) on the 2B recovered faces with their gradient, and on the 2B true faces
+               (no gradient);
   perceptual   the perceptual loss likewise (VGG, at loss.perceptual_size when set);
   attribute    the attribute loss (face-api on the B recovered and B true targets), if any;
   optimizer    the optimizer update (clip + AdamW) and its application to the parameters;

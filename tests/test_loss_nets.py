@@ -9,6 +9,7 @@ import pytest
 
 from configs import demo as demo_config
 from dfrec_jax import loss_nets, losses, masking
+from dfrec_jax.pretrained import facenet
 from tests.lfw import real_faces
 
 
@@ -71,3 +72,31 @@ def test_unknown_loss_net_names_fail_clearly():
         loss_nets.build_loss_nets(config.loss)
     weights = loss_nets.loss_weights(config.loss)  # the paper's Eq. 4/7/10 reading
     assert (weights.identity, weights.patch, weights.identity_target) == (1.0, 0.5, 2.0)
+
+
+def test_identity_size_resizes_faces_for_facenet_only(nets_and_weights):
+    """configs/demo.py runs the identity loss's FaceNet at 128 px: its maps shrink with the
+    input, its embedding of a real face stays that person's (eval's judge keeps 160)."""
+    nets, _ = nets_and_weights
+    demo_net = nets.identity.net
+    assert demo_net.input_size == 128
+    full_net = demo_net.replace(input_size=facenet.INPUT_SIZE)
+    faces = jnp.asarray(real_faces(4))  # four people
+    maps = jax.eval_shape(nets.identity, faces)[0]
+    assert [m.shape[1] for m in maps] == [13, 13, 6, 2]
+    assert [m.shape[1] for m in jax.eval_shape(full_net, faces)["features"]] == [17, 17, 8, 3]
+    small, full = demo_net(faces)["embedding"], full_net(faces)["embedding"]
+    cosines = small @ full.T  # unit vectors; [i, j]: face i at 128 px vs face j at 160 px
+    same_face = jnp.diag(cosines)
+    other_faces = jnp.where(jnp.eye(4, dtype=bool), -1.0, cosines)
+    # Measured 0.77-0.87 for the same face, about 0 between people.
+    assert float(same_face.min()) > 0.6, cosines
+    assert bool(jnp.all(same_face > other_faces.max(axis=1) + 0.3)), cosines
+    assert float(same_face.max()) < 0.99  # the size did change what FaceNet sees
+
+    config = demo_config.get_config()
+    config.loss.identity_size = 0
+    assert loss_nets.build_loss_nets(config.loss).identity.net.input_size == 160
+    config.loss.identity_size = 64
+    with pytest.raises(ValueError, match="loss.identity_size must be 0"):
+        loss_nets.build_loss_nets(config.loss)

@@ -107,6 +107,7 @@ class TorchFaceNet(nn.Module):
         self.net = _torch_inception_resnet_v1(torch, embedding_dim=embedding_dim)
         del self.net.logits
         self.prewhiten = net.preprocessing == "prewhiten"
+        self.size = net.input_size
         leaves = {}
         for key, value in traverse_util.flatten_dict(net.variables).items():
             leaves[facenet._torch_rule(key).source] = value
@@ -117,7 +118,7 @@ class TorchFaceNet(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, images):
-        x = resize(images, facenet.INPUT_SIZE) * 255.0
+        x = resize(images, self.size) * 255.0
         if self.prewhiten:
             mean = x.mean((1, 2, 3), keepdim=True)
             var = ((x - mean) ** 2).mean((1, 2, 3), keepdim=True)

@@ -32,6 +32,7 @@ from dfrec_jax.models import layers
 from dfrec_jax.pretrained import checkpoint, weights
 
 INPUT_SIZE = 160
+MIN_INPUT_SIZE = 75  # smaller inputs leave Mixed_7a's stride-2 VALID convs nothing to read
 BLOCK_REPEATS = (5, 10, 5)  # Block35, Block17, Block8; one more Block8 (scale 1, no ReLU) follows
 BLOCK_SCALES = (0.17, 0.1, 0.2)
 FEATURE_NAMES = ("stem", "block35", "block17", "block8")
@@ -492,6 +493,9 @@ class FaceNet:
     variables: dict
     module: InceptionResNetV1 = struct.field(pytree_node=False, default=InceptionResNetV1())
     preprocessing: str = struct.field(pytree_node=False, default="prewhiten")
+    # The size faces are resized to before the network: its own 160 unless a config trades
+    # identity fidelity for speed (loss.identity_size).
+    input_size: int = struct.field(pytree_node=False, default=INPUT_SIZE)
 
     @classmethod
     def load(cls, path: str | None = None, preprocessing: str = "prewhiten") -> "FaceNet":
@@ -532,7 +536,7 @@ class FaceNet:
 
 @jax.jit
 def _forward(facenet: FaceNet, images) -> dict:
-    x = preprocess(images, facenet.preprocessing)
+    x = preprocess(images, facenet.preprocessing, facenet.input_size)
     variables = jax.tree.map(jax.lax.stop_gradient, facenet.variables)
     return facenet.module.apply(variables, x, train=False)
 
