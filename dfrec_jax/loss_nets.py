@@ -82,16 +82,16 @@ def _perceptual_net(name: str, path: str):
 
 def build_loss_nets(loss_config) -> losses.LossNets:
     dtype = compute_dtype(loss_config.get("dtype", "float32"))  # older saved configs lack it
+    identity_size = int(loss_config.get("identity_size", 0))  # older saved configs lack it
+    if identity_size and identity_size < facenet.MIN_INPUT_SIZE:
+        raise ValueError(f"loss.identity_size must be 0 (FaceNet's {facenet.INPUT_SIZE}) "
+                         f"or >= {facenet.MIN_INPUT_SIZE}, got {identity_size}")  # fmt: skip
     perceptual = _perceptual_net(loss_config.perceptual_net, loss_config.perceptual_weights)
     if loss_config.perceptual_size:
         # VGG is most of a step's FLOPs; the CPU demo runs it at half resolution.
         perceptual = Resized(perceptual, int(loss_config.perceptual_size))
     identity = facenet.load_named(loss_config.identity_net, loss_config.identity_weights, "loss")
-    identity_size = int(loss_config.get("identity_size", 0))  # older saved configs lack it
     if identity_size:
-        if identity_size < facenet.MIN_INPUT_SIZE:
-            raise ValueError(f"loss.identity_size must be 0 (FaceNet's {facenet.INPUT_SIZE}) "
-                             f"or >= {facenet.MIN_INPUT_SIZE}, got {identity_size}")  # fmt: skip
         # FaceNet's time grows with its input's area; the CPU demo trades a little of its
         # discrimination for it (configs/demo.py).
         identity = identity.replace(input_size=identity_size)
