@@ -92,8 +92,8 @@ def build_loss_nets(loss_config) -> losses.LossNets:
         perceptual = Resized(perceptual, int(loss_config.perceptual_size))
     identity = facenet.load_named(loss_config.identity_net, loss_config.identity_weights, "loss")
     if identity_size:
-        # FaceNet's time grows with its input's area; the CPU demo trades a little of its
-        # discrimination for it (configs/demo.py).
+        # FaceNet's time grows with its input's area, but a smaller input slowed identity
+        # learning in the learning check (configs/demo.py keeps 160).
         identity = identity.replace(input_size=identity_size)
     attribute = None
     if loss_config.attribute_net != "none":

@@ -74,18 +74,22 @@ def test_unknown_loss_net_names_fail_clearly():
     assert (weights.identity, weights.patch, weights.identity_target) == (1.0, 0.5, 2.0)
 
 
-def test_identity_size_resizes_faces_for_facenet_only(nets_and_weights):
-    """configs/demo.py runs the identity loss's FaceNet at 128 px: its maps shrink with the
-    input, its embedding of a real face stays that person's (eval's judge keeps 160)."""
+def test_identity_size_resizes_faces_for_the_loss_facenet(nets_and_weights):
+    """loss.identity_size=128 runs the identity loss's FaceNet at 128 px: its maps shrink with
+    the input, its embedding of a real face stays that person's. The demo keeps 160."""
     nets, _ = nets_and_weights
-    demo_net = nets.identity.net
-    assert demo_net.input_size == 128
-    full_net = demo_net.replace(input_size=facenet.INPUT_SIZE)
+    full_net = nets.identity.net
+    assert full_net.input_size == facenet.INPUT_SIZE == 160
+    config = demo_config.get_config()
+    config.loss.identity_size = 128
+    small_nets = loss_nets.build_loss_nets(config.loss)
+    small_net = small_nets.identity.net
+    assert small_net.input_size == 128
     faces = jnp.asarray(real_faces(4))  # four people
-    maps = jax.eval_shape(nets.identity, faces)[0]
+    maps = jax.eval_shape(small_nets.identity, faces)[0]
     assert [m.shape[1] for m in maps] == [13, 13, 6, 2]
     assert [m.shape[1] for m in jax.eval_shape(full_net, faces)["features"]] == [17, 17, 8, 3]
-    small, full = demo_net(faces)["embedding"], full_net(faces)["embedding"]
+    small, full = small_net(faces)["embedding"], full_net(faces)["embedding"]
     cosines = small @ full.T  # unit vectors; [i, j]: face i at 128 px vs face j at 160 px
     same_face = jnp.diag(cosines)
     other_faces = jnp.where(jnp.eye(4, dtype=bool), -1.0, cosines)
@@ -94,9 +98,6 @@ def test_identity_size_resizes_faces_for_facenet_only(nets_and_weights):
     assert bool(jnp.all(same_face > other_faces.max(axis=1) + 0.3)), cosines
     assert float(same_face.max()) < 0.99  # the size did change what FaceNet sees
 
-    config = demo_config.get_config()
-    config.loss.identity_size = 0
-    assert loss_nets.build_loss_nets(config.loss).identity.net.input_size == 160
     config.loss.identity_size = 64
     with pytest.raises(ValueError, match="loss.identity_size must be 0"):
         loss_nets.build_loss_nets(config.loss)

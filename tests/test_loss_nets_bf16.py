@@ -1,8 +1,6 @@
 """`loss.dtype=bfloat16`: the real frozen loss networks in bfloat16 against float32, on LFW faces.
 
-Eight real LFW faces t (demo config: 112 px, VGG at 56 px; FaceNet at 160 px when measured, at
-the demo's 128 px since loss.identity_size, which passes the same bounds) against three kinds
-of recovery r:
+Eight real LFW faces t (demo config: 112 px, VGG at 56 px) against three kinds of recovery r:
 t + 0.05 N(0, 1) noise, t + 0.15 noise (both clipped to [0, 1]) and another person's face.
 Measured on CPU (XLA CPU at the tests' optimisation level 0, 2-core AMD EPYC; worst case over
 the 3 x 8 pairs; the float32 batch means per kind of recovery are noise 0.05 / 0.15 / other):
