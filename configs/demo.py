@@ -42,8 +42,8 @@ def get_config(arg=None):
     # targets reached 0.55 IDSim at step 900 instead of 0.82 (README, Training).
     # A short run: warm up, then a cosine decay from 3x the paper's rate. 300 steps (18 min on
     # 2 CPU cores; 150 took 17 min before the step got faster): on unseen people, target IDSim
-    # 0.25 and mask IoU 0.58 against 0.17-0.22 and 0.10-0.25 at 150 steps; still below
-    # returning the forgery (0.36). README, Evaluation.
+    # 0.25 against 0.17-0.22 in the 150-step runs, still below returning the forgery (0.36).
+    # README, Evaluation.
     config.optim.update(learning_rate=3e-4, schedule="cosine", warmup_steps=15)
     config.train.update(
         steps=300,
