@@ -22,6 +22,12 @@ command with one `error: ...` line and exit code 1 (an unknown `--config.` key: 
 folders and files are checked before any model is built or compiled.
 """
 
+# Before anything starts a thread (JAX, TensorFlow): malloc arenas bind to threads at their
+# first allocation. See dfrec_jax/run/malloc_policy.py.
+from dfrec_jax.run import malloc_policy  # isort: skip
+
+malloc_policy.reuse_freed_memory()
+
 import json
 import logging
 import os

@@ -61,6 +61,7 @@ from dfrec_jax import (
     trained,
 )
 from dfrec_jax.eval import identity
+from dfrec_jax.run import malloc_policy
 from dfrec_jax.run import workdir as workdir_lib
 from dfrec_jax.timing import peak_matmul_tflops, significant, time_call
 from dfrec_jax.train import sharding as sharding_lib
@@ -430,4 +431,5 @@ def run(what: str, config, **kwargs) -> None:
     for result in BENCHES[what](config, **kwargs):
         # Programs this process has read from the persistent cache by now (0: all compiled).
         result["compile_cache_hits"] = compile_cache.hits()
+        result["host_malloc"] = malloc_policy.status  # run/malloc_policy.py: it moves CPU steps
         print(json.dumps(result), flush=True)

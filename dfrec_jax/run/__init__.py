@@ -2,5 +2,6 @@
 
 checkpoints (orbax, with the data iterator's state), workdir (config.json, its hash, library
 versions), progress (the console progress line), multihost (process start-up and modes), gc_policy
-(the garbage collector's settings for processes that trace JAX programs).
+(the garbage collector's settings for processes that trace JAX programs), malloc_policy
+(glibc's malloc settings that let XLA:CPU reuse its host buffers).
 """
