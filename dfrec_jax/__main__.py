@@ -23,16 +23,22 @@ folders and files are checked before any model is built or compiled.
 """
 
 # Before anything starts a thread (JAX, TensorFlow): malloc arenas bind to threads at their
-# first allocation. See dfrec_jax/run/malloc_policy.py.
+# first allocation, so the imports below come after it on purpose (E402). See
+# dfrec_jax/run/malloc_policy.py.
+import sys  # isort: skip
+
 from dfrec_jax.run import malloc_policy  # isort: skip
 
-malloc_policy.reuse_freed_memory()
+try:
+    malloc_policy.reuse_freed_memory()
+except ValueError as e:  # a bad DFREC_MALLOC: one line, like every error a user causes
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 import json
 import logging
 import os
 import re
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
