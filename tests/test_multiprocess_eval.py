@@ -57,6 +57,25 @@ def _start(command, env):
     )
 
 
+def _same_up_to_rounding(got, want, rel=1e-6):
+    """Equal structure, keys, strings, None and integers; floats to `rel` (float32 rounding)."""
+    if isinstance(want, dict):
+        return (
+            isinstance(got, dict)
+            and got.keys() == want.keys()
+            and all(_same_up_to_rounding(got[k], want[k], rel) for k in want)
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(got, list)
+            and len(got) == len(want)
+            and all(_same_up_to_rounding(g, w, rel) for g, w in zip(got, want))
+        )
+    if isinstance(want, float) and isinstance(got, float):
+        return got == pytest.approx(want, rel=rel, abs=1e-9)
+    return type(got) is type(want) and got == want
+
+
 def _outputs(workdir, limit):
     folder = os.path.join(workdir, "eval", f"max{limit}")
     metrics = json.load(open(os.path.join(folder, "metrics.json")))
@@ -96,7 +115,10 @@ def test_two_processes_score_their_parts_and_write_the_one_process_tables(
         assert (one["processes"], one["devices"]) == ("1", "2 x cpu (cpu)")
         assert (two["processes"], two["devices"]) == ("2", "4 x cpu (cpu)")
         assert metrics["num_examples"]["total"] == total  # each example scored once
-        assert metrics == expected, limit
+        # The same examples and counts; float32 means may differ in the last bits, since two
+        # processes (4 devices) reduce in another order than one (2 devices): XLA:CPU's
+        # vectorised sums differ by CPU (equal on a 2-core Xeon, 5e-9 apart on an AMD EPYC).
+        assert _same_up_to_rounding(metrics, expected), limit
         assert table == expected_table, limit
     # Process 0 printed the tables and paths; process 1 wrote and printed nothing.
     assert os.path.join(multi, "eval", "test", "metrics.json") in outs[1][0]
