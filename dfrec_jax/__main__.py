@@ -22,15 +22,15 @@ command with one `error: ...` line and exit code 1 (an unknown `--config.` key: 
 folders and files are checked before any model is built or compiled.
 """
 
-# Before anything starts a thread (JAX, TensorFlow): malloc arenas bind to threads at their
-# first allocation, so the imports below come after it on purpose (E402). See
-# dfrec_jax/run/malloc_policy.py.
+# Before anything starts a thread (JAX, TensorFlow) or holds state: malloc arenas bind to
+# threads at their first allocation, and the default (huge pages) may re-execute the process,
+# so the imports below come after it on purpose (E402). See dfrec_jax/run/malloc_policy.py.
 import sys  # isort: skip
 
 from dfrec_jax.run import malloc_policy  # isort: skip
 
-try:
-    malloc_policy.reuse_freed_memory()
+try:  # may re-execute this command line with glibc's huge-page tunable (same PID)
+    malloc_policy.apply(malloc_policy.command_to_rerun() if __name__ == "__main__" else None)
 except ValueError as e:  # a bad DFREC_MALLOC: one line, like every error a user causes
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -1,26 +1,30 @@
-"""dfrec_jax/run/malloc_policy.py (opt-in, DFREC_MALLOC=reuse): under the policy a worker
-thread's large block, freed and allocated again, reuses its mapped pages; under glibc's
-defaults (what runs unless asked) every allocation faults its pages in anew (XLA:CPU's
-per-execution buffers); where the policy does not apply it leaves malloc alone; `python -m
-dfrec_jax` applies it before importing JAX (status "reuse": no thread ran before it) and turns
-a bad DFREC_MALLOC into one error line."""
+"""dfrec_jax/run/malloc_policy.py (DFREC_MALLOC): a worker thread's large block, freed and
+allocated again, faults in every 4 KiB page each time under glibc's defaults (`system`; XLA:CPU's
+per-execution buffers), ~1/512 as many with `hugepages` (the default: glibc's huge-page tunable,
+set by re-executing the process) and none after the first with `reuse`; where a choice does not
+apply it says why and leaves malloc alone; `python -m dfrec_jax` applies it before importing
+JAX and re-executes itself for `hugepages`; a bad DFREC_MALLOC is one error line."""
 
+import json
 import os
 import platform
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from dfrec_jax import configlib
+from dfrec_jax.run import malloc_policy
 
 # A worker thread mallocs 256 MiB, writes every page and frees it, four times: the page faults
-# of the first round and of the later ones, from getrusage.
+# of the first round and of the later ones, from getrusage. The probe applies DFREC_MALLOC as
+# the command line does, re-executing itself for `hugepages`.
 _PROBE = """
 import ctypes, resource, sys, threading
 from dfrec_jax.run import malloc_policy
 
-print(malloc_policy.reuse_freed_memory())
+print(malloc_policy.apply([sys.executable, *sys.orig_argv[1:]]))
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -40,6 +44,7 @@ worker.start()
 worker.join()
 print(faults[0], max(faults[1:]))
 """
+_PAGES = (256 << 20) // 4096  # 4 KiB pages in the probe's block
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -48,7 +53,7 @@ glibc_only = pytest.mark.skipif(
 
 
 # What would change malloc under the probe: an allocator or glibc settings of the caller's.
-_OURS = ("DFREC_MALLOC", "JAX_PLATFORMS", "LD_PRELOAD", "GLIBC_TUNABLES")
+_OURS = ("DFREC_MALLOC", "JAX_PLATFORMS", "LD_PRELOAD", "GLIBC_TUNABLES", malloc_policy._REEXECUTED)
 
 
 def _clean_environ():
@@ -70,62 +75,165 @@ def _probe(**env):
     return status, first, later
 
 
+def _huge_pages_expected():
+    """The status `hugepages` should give on this machine (the tests run where the kernel and
+    glibc provide it; elsewhere the reason is checked instead of the effect)."""
+    mode = malloc_policy.thp_mode()
+    return (
+        "hugepages" if mode in ("madvise", "always") else f"skipped: transparent huge pages: {mode}"
+    )
+
+
 @glibc_only
-def test_freed_blocks_are_reused_under_the_policy_and_faulted_anew_without_it():
+def test_freed_blocks_are_reused_under_reuse_and_faulted_anew_under_system():
     status, first, later = _probe(DFREC_MALLOC="reuse", JAX_PLATFORMS="cpu")
     assert status == "reuse"
     assert first > 0 and later <= first // 20, (first, later)  # the pages stayed mapped
 
-    for env in ({"DFREC_MALLOC": "system"}, {}):  # off unless asked for
+    status, first, later = _probe(DFREC_MALLOC="system")
+    assert status == "skipped: DFREC_MALLOC=system"
+    assert later >= first // 2 > 0, (first, later)  # mmap'd and unmapped every round
+
+
+@glibc_only
+def test_huge_pages_are_the_default_and_fault_a_2_mib_page_at_a_time():
+    for env in ({"DFREC_MALLOC": "hugepages"}, {}):
         status, first, later = _probe(**env)
-        assert status == "skipped: DFREC_MALLOC=system"
-        assert later >= first // 2 > 0, (first, later)  # mmap'd and unmapped every round
+        assert status == _huge_pages_expected()
+        if status == "hugepages":
+            # Every round maps the block anew (so it faults again), in 2 MiB pages.
+            assert 0 < first <= _PAGES // 20 and 0 < later <= _PAGES // 20, (first, later)
+        else:
+            assert later >= first // 2 > 0, (first, later)
+
+
+@glibc_only
+def test_huge_pages_keep_the_callers_tunables_and_respect_an_explicit_off():
+    if _huge_pages_expected() != "hugepages":
+        pytest.skip(f"this kernel: {_huge_pages_expected()}")
+    status, first, later = _probe(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+    assert status == "skipped: GLIBC_TUNABLES sets glibc.malloc.hugetlb=0"
+    assert later >= first // 2 > 0, (first, later)
+    status, first, later = _probe(GLIBC_TUNABLES="glibc.malloc.check=0:glibc.malloc.hugetlb=1")
+    assert status == "hugepages" and later <= _PAGES // 20, (first, later)
 
 
 @pytest.fixture
-def skip_reason(monkeypatch):
-    """malloc_policy._skip_reason under a clean environment (nothing is applied to this
-    process: only the decision is computed)."""
-    from dfrec_jax.run import malloc_policy
-
+def policy(monkeypatch):
+    """malloc_policy under a clean environment, on a glibc 2.36 Linux with transparent huge
+    pages on request, where re-executing raises instead of replacing the test process."""
     for name in _OURS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DFREC_MALLOC", "reuse")
     monkeypatch.setattr(malloc_policy.platform, "system", lambda: "Linux")
     monkeypatch.setattr(malloc_policy.platform, "libc_ver", lambda: ("glibc", "2.36"))
     monkeypatch.setattr(malloc_policy.pkgutil, "iter_modules", lambda: [])
-    return malloc_policy._skip_reason
+    monkeypatch.setattr(malloc_policy, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(malloc_policy, "_set_reuse", lambda: None)  # decisions only
+    monkeypatch.setattr(malloc_policy, "_threads", lambda: 1)  # pytest's threads aside
+
+    class Reexecuted(Exception):
+        pass
+
+    def execve(path, argv, environ):
+        raise Reexecuted(path, argv, environ)
+
+    monkeypatch.setattr(malloc_policy.os, "execve", execve)
+    malloc_policy.Reexecuted = Reexecuted
+    yield malloc_policy
+    del malloc_policy.Reexecuted
 
 
-def test_the_policy_stays_off_where_an_accelerator_runs(skip_reason, monkeypatch):
-    from dfrec_jax.run import malloc_policy
+def test_huge_pages_reexecute_the_command_once_with_the_tunable_added(policy, monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
+    rerun = ["/venv/bin/python", "-m", "dfrec_jax", "train", "--workdir", "w"]
+    with pytest.raises(policy.Reexecuted) as reexecuted:
+        policy.apply(rerun)
+    path, argv, environ = reexecuted.value.args
+    assert path == rerun[0] and argv == rerun
+    assert environ["GLIBC_TUNABLES"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
 
-    assert skip_reason() is None
+    # The re-executed process: the tunable is there, nothing more to do.
+    monkeypatch.setattr(policy.os, "environ", {**environ})
+    assert policy.apply(rerun) == "hugepages"
+    assert policy._REEXECUTED not in policy.os.environ  # its children start clean
+
+    # Where the tunable did not reach the re-executed process, no second re-execution.
+    monkeypatch.setattr(policy.os, "environ", {policy._REEXECUTED: "1"})
+    assert (
+        policy.apply(rerun)
+        == "skipped: GLIBC_TUNABLES has no glibc.malloc.hugetlb (glibc reads it at start-up)"
+    )
+    assert policy.apply(None).startswith("skipped: GLIBC_TUNABLES has no")  # not the CLI
+
+
+def test_huge_pages_need_a_kernel_and_glibc_that_provide_them(policy, monkeypatch):
+    monkeypatch.setattr(policy, "thp_mode", lambda: "never")
+    assert policy.apply(["python"]) == "skipped: transparent huge pages: never"
+    monkeypatch.setattr(policy, "thp_mode", lambda: "always")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert policy.apply(["python"]) == "hugepages"
+    monkeypatch.setattr(policy.platform, "libc_ver", lambda: ("glibc", "2.31"))
+    assert policy.apply(["python"]) == "skipped: glibc 2.31 has no glibc.malloc.hugetlb (2.35+)"
+
+
+def test_the_kernels_huge_page_mode_is_its_bracketed_word(tmp_path, monkeypatch):
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    monkeypatch.setattr(malloc_policy, "_THP_MODE", str(setting))
+    assert malloc_policy.thp_mode() == "madvise"
+    monkeypatch.setattr(malloc_policy, "_THP_MODE", str(tmp_path / "missing"))
+    assert malloc_policy.thp_mode() == "unavailable"
+
+
+def test_only_the_command_line_is_reexecuted(monkeypatch):
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "utf8", "-m", "dfrec_jax", "eval"])
+    assert malloc_policy.command_to_rerun() == [
+        sys.executable,
+        "-X",
+        "utf8",
+        "-m",
+        "dfrec_jax",
+        "eval",
+    ]
+    for other in (["-m", "pytest", "-m", "dfrec_jax"], ["-c", "-m dfrec_jax"], ["x.py", "-m"]):
+        monkeypatch.setattr(sys, "orig_argv", ["python3", *other])
+        assert malloc_policy.command_to_rerun() is None, other
+
+
+def test_reuse_stays_off_where_an_accelerator_runs(policy, monkeypatch):
+    monkeypatch.setenv("DFREC_MALLOC", "reuse")
+    assert policy.apply() == "reuse"
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-    assert skip_reason() == "JAX_PLATFORMS=cuda"
+    assert policy.apply() == "skipped: JAX_PLATFORMS=cuda"
     monkeypatch.delenv("JAX_PLATFORMS")
     plugin = type("Module", (), {"name": "jax_cuda12_plugin"})
-    monkeypatch.setattr(malloc_policy.pkgutil, "iter_modules", lambda: [plugin])
-    assert skip_reason() == "accelerator plugin jax_cuda12_plugin installed"
+    monkeypatch.setattr(policy.pkgutil, "iter_modules", lambda: [plugin])
+    assert policy.apply() == "skipped: accelerator plugin jax_cuda12_plugin installed"
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # CPU asked for: on even with a plugin
-    assert skip_reason() is None
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert skip_reason() == "another allocator is preloaded"
+    assert policy.apply() == "reuse"
+    monkeypatch.setattr(policy, "_threads", lambda: 3)  # their arenas were bound before
+    assert policy.apply() == "reuse, late: 2 other threads were running"
 
 
-def test_the_policy_needs_glibc(skip_reason, monkeypatch):
-    from dfrec_jax.run import malloc_policy
+def test_every_choice_but_system_needs_glibc_and_no_other_allocator(policy, monkeypatch):
+    for choice in ("reuse", "hugepages"):
+        monkeypatch.setenv("DFREC_MALLOC", choice)
+        monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+        assert policy.apply(["python"]) == "skipped: another allocator is preloaded"
+        monkeypatch.delenv("LD_PRELOAD")
+        monkeypatch.setattr(policy.platform, "libc_ver", lambda: ("", ""))  # musl
+        assert policy.apply(["python"]) == "skipped: not glibc"
+        monkeypatch.setattr(policy.platform, "system", lambda: "Darwin")
+        assert policy.apply(["python"]) == "skipped: not glibc"
+        monkeypatch.setattr(policy.platform, "system", lambda: "Linux")
+        monkeypatch.setattr(policy.platform, "libc_ver", lambda: ("glibc", "2.36"))
 
-    monkeypatch.setattr(malloc_policy.platform, "libc_ver", lambda: ("", ""))  # musl
-    assert skip_reason() == "not glibc"
-    monkeypatch.setattr(malloc_policy.platform, "system", lambda: "Darwin")
-    assert skip_reason() == "not glibc"
 
-
-def test_an_unknown_choice_is_one_clear_error(skip_reason, monkeypatch):
+def test_an_unknown_choice_is_one_clear_error(policy, monkeypatch):
     monkeypatch.setenv("DFREC_MALLOC", "jemalloc")
-    with pytest.raises(ValueError, match="DFREC_MALLOC='jemalloc': expected one of reuse, system"):
-        skip_reason()
+    expected = "DFREC_MALLOC='jemalloc': expected one of hugepages, reuse, system"
+    with pytest.raises(ValueError, match=expected):
+        policy.apply()
 
 
 def test_the_command_line_turns_a_bad_choice_into_one_error_line():
@@ -137,7 +245,10 @@ def test_the_command_line_turns_a_bad_choice_into_one_error_line():
         text=True,
     )
     assert done.returncode == 1
-    assert done.stderr.strip() == "error: DFREC_MALLOC='bogus': expected one of reuse, system"
+    assert (
+        done.stderr.strip()
+        == "error: DFREC_MALLOC='bogus': expected one of hugepages, reuse, system"
+    )
 
 
 @glibc_only
@@ -157,3 +268,25 @@ def test_the_command_line_applies_it_before_jax_is_imported():
     assert done.stdout.strip() == "reuse"
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
     assert imported.index("dfrec_jax.run.malloc_policy") < imported.index("jax")
+
+
+@glibc_only
+def test_the_command_line_runs_with_huge_pages_by_default(tmp_path):
+    """`python -m dfrec_jax bench` re-executes itself with the tunable: its record says so."""
+    config_file = tmp_path / "tiny_config.py"
+    config_file.write_text(
+        textwrap.dedent("""
+            from tests import tiny
+
+            def get_config(arg=None):
+                return tiny.tiny_config()
+        """)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "dfrec_jax", "bench", "--what", "forward", "--config",
+         str(config_file), "--batch", "1", "--repeats", "1"],
+        cwd=configlib.REPO_ROOT, env={**_clean_environ(), "DFREC_COMPILATION_CACHE": "off"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1])["host_malloc"] == _huge_pages_expected()
