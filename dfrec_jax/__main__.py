@@ -30,7 +30,7 @@ import sys  # isort: skip
 from dfrec_jax.run import malloc_policy  # isort: skip
 
 try:  # may re-execute this command line with glibc's huge-page tunable (same PID)
-    malloc_policy.apply(malloc_policy.command_to_rerun() if __name__ == "__main__" else None)
+    malloc_policy.apply(malloc_policy.command_to_rerun())
 except ValueError as e:  # a bad DFREC_MALLOC: one line, like every error a user causes
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

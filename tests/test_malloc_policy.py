@@ -78,6 +78,9 @@ def _probe(**env):
 def _huge_pages_expected():
     """The status `hugepages` should give on this machine (the tests run where the kernel and
     glibc provide it; elsewhere the reason is checked instead of the effect)."""
+    version = platform.libc_ver()[1]
+    if tuple(int(n) for n in version.split(".")[:2]) < (2, 35):
+        return f"skipped: glibc {version} has no glibc.malloc.hugetlb (2.35+)"
     mode = malloc_policy.thp_mode()
     return (
         "hugepages" if mode in ("madvise", "always") else f"skipped: transparent huge pages: {mode}"
@@ -93,6 +96,9 @@ def test_freed_blocks_are_reused_under_reuse_and_faulted_anew_under_system():
     status, first, later = _probe(DFREC_MALLOC="system")
     assert status == "skipped: DFREC_MALLOC=system"
     assert later >= first // 2 > 0, (first, later)  # mmap'd and unmapped every round
+    # A tunable inherited from a parent (or set by hand) still acts: the status says so.
+    status, _, _ = _probe(DFREC_MALLOC="system", GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+    assert status == "skipped: DFREC_MALLOC=system (GLIBC_TUNABLES sets glibc.malloc.hugetlb=1)"
 
 
 @glibc_only
@@ -165,12 +171,30 @@ def test_huge_pages_reexecute_the_command_once_with_the_tunable_added(policy, mo
     )
     assert policy.apply(None).startswith("skipped: GLIBC_TUNABLES has no")  # not the CLI
 
+    # An interpreter that cannot be executed: the command runs on without huge pages.
+    def refuse(path, argv, environ):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(policy.os, "environ", {})
+    monkeypatch.setattr(policy.os, "execve", refuse)
+    assert policy.apply(rerun) == "skipped: re-execution failed: [Errno 13] Permission denied"
+
+
+def test_the_tunable_is_read_as_glibc_reads_it():
+    read = malloc_policy._tunable
+    assert read("glibc.malloc.hugetlb=1") == "1"
+    assert read("glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0") == "0"  # the last one wins
+    assert read("glibc.malloc.check=0:glibc.malloc.hugetlb=2") == "2"
+    assert read("glibc.malloc.hugetlb") is None and read("") is None  # no value: nothing set
+
 
 def test_huge_pages_need_a_kernel_and_glibc_that_provide_them(policy, monkeypatch):
     monkeypatch.setattr(policy, "thp_mode", lambda: "never")
     assert policy.apply(["python"]) == "skipped: transparent huge pages: never"
     monkeypatch.setattr(policy, "thp_mode", lambda: "always")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert policy.apply(["python"]) == "hugepages"
+    monkeypatch.setattr(policy.platform, "libc_ver", lambda: ("glibc", "2.36-9+deb12u14"))
     assert policy.apply(["python"]) == "hugepages"
     monkeypatch.setattr(policy.platform, "libc_ver", lambda: ("glibc", "2.31"))
     assert policy.apply(["python"]) == "skipped: glibc 2.31 has no glibc.malloc.hugetlb (2.35+)"
@@ -195,7 +219,11 @@ def test_only_the_command_line_is_reexecuted(monkeypatch):
         "dfrec_jax",
         "eval",
     ]
-    for other in (["-m", "pytest", "-m", "dfrec_jax"], ["-c", "-m dfrec_jax"], ["x.py", "-m"]):
+    script = ["/venv/bin/dfrec-jax", "recover", "--workdir", "w"]  # pyproject's console script
+    monkeypatch.setattr(sys, "orig_argv", ["/venv/bin/python", "-I", *script])
+    assert malloc_policy.command_to_rerun() == [sys.executable, "-I", *script]
+    others = (["-m", "pytest", "-m", "dfrec_jax"], ["-c", "-m dfrec_jax"], ["x.py", "-m"], ["-"])
+    for other in others:
         monkeypatch.setattr(sys, "orig_argv", ["python3", *other])
         assert malloc_policy.command_to_rerun() is None, other
 
@@ -271,8 +299,15 @@ def test_the_command_line_applies_it_before_jax_is_imported():
 
 
 @glibc_only
-def test_the_command_line_runs_with_huge_pages_by_default(tmp_path):
-    """`python -m dfrec_jax bench` re-executes itself with the tunable: its record says so."""
+@pytest.mark.parametrize("launcher", ["python -m dfrec_jax", "dfrec-jax"])
+def test_the_command_line_runs_with_huge_pages_by_default(tmp_path, launcher):
+    """`python -m dfrec_jax bench` and the `dfrec-jax` script re-execute themselves with the
+    tunable: their records say so."""
+    if launcher == "dfrec-jax":
+        command = [os.path.join(os.path.dirname(sys.executable), "dfrec-jax")]
+        assert os.path.isfile(command[0]), "run ./run.sh once: it installs the project"
+    else:
+        command = [sys.executable, "-m", "dfrec_jax"]
     config_file = tmp_path / "tiny_config.py"
     config_file.write_text(
         textwrap.dedent("""
@@ -283,10 +318,11 @@ def test_the_command_line_runs_with_huge_pages_by_default(tmp_path):
         """)
     )
     done = subprocess.run(
-        [sys.executable, "-m", "dfrec_jax", "bench", "--what", "forward", "--config",
-         str(config_file), "--batch", "1", "--repeats", "1"],
-        cwd=configlib.REPO_ROOT, env={**_clean_environ(), "DFREC_COMPILATION_CACHE": "off"},
-        capture_output=True, text=True, timeout=300,
+        [*command, "bench", "--what", "forward", "--config", str(config_file), "--batch", "1",
+         "--repeats", "1"],
+        cwd=configlib.REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**_clean_environ(), "DFREC_COMPILATION_CACHE": "off",
+             "PYTHONPATH": configlib.REPO_ROOT},  # the script's path holds no `tests`
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-1])["host_malloc"] == _huge_pages_expected()
